@@ -1,0 +1,355 @@
+"""SQLite storage for chat rooms, through sqlite-utils.
+
+A message's text lives in the ``chunks`` table, one row per persisted piece, and
+reading a message joins them in order. An assistant reply therefore grows by
+appending rows: text already stored is never rewritten, so the bytes handed to
+SQLite grow linearly with the reply.
+
+Every thread (each Streamlit script run, each reply worker) gets its own
+connection, so WAL readers never wait for a writer. Every write is one
+``BEGIN IMMEDIATE`` transaction, which waits on ``busy_timeout`` instead of
+failing with "database is locked" halfway through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sqlite3
+import threading
+import time
+import unicodedata
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlite_utils import Database
+
+MAX_MESSAGE_CHARS = 4_000
+MAX_NAME_CHARS = 40
+ASSISTANT_NAME = "GPT"
+BUSY_TIMEOUT_MS = 5_000
+
+ROOM_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
+# Names a person may not take, compared after folding case, width and
+# punctuation away, so "G.P.T", "ｇｐｔ" or "G\u200bPT" are refused too.
+RESERVED_NAMES = frozenset({"gpt", "chatgpt", "assistant", "system", "ai", "bot"})
+# Control characters other than tab, newline and carriage return.
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+STATUSES = ("complete", "streaming", "stopped", "error", "interrupted")
+FINAL_STATUSES = frozenset(STATUSES) - {"streaming"}
+INTERRUPTED_NOTE = "The server restarted while this reply was being written."
+
+
+class StoreError(Exception):
+    """Something the store refused to do."""
+
+
+class InvalidInput(StoreError, ValueError):
+    """Input a person can fix: the message says how."""
+
+
+class NotStreaming(StoreError):
+    """A chunk or final status for a reply that is not streaming any more."""
+
+
+@dataclass(frozen=True)
+class Message:
+    id: int
+    room: str
+    author: str
+    role: str  # "user" or "assistant"
+    text: str
+    status: str
+    error: str | None
+    reply_to: int | None
+    created_at: float
+    updated_at: float
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+
+# Migrations, in order; each runs once per database (see simonw/llm).
+MIGRATIONS: list[Callable[[Database], None]] = []
+migration = MIGRATIONS.append
+
+
+@migration
+def m001_initial(db: Database) -> None:
+    db["rooms"].create({"name": str, "version": int}, pk="name")
+    db["messages"].create(
+        {
+            "id": int,
+            "room": str,
+            "author": str,
+            "role": str,
+            "status": str,
+            "error": str,
+            "reply_to": int,
+            "created_at": float,
+            "updated_at": float,
+        },
+        pk="id",
+        not_null={"room", "author", "role", "status", "created_at", "updated_at"},
+    )
+    db["messages"].create_index(["room", "id"])
+    db["messages"].create_index(["status"])
+    db["chunks"].create(
+        {"message_id": int, "seq": int, "text": str},
+        pk=("message_id", "seq"),
+        foreign_keys=[("message_id", "messages", "id")],
+        not_null={"text"},
+    )
+
+
+def migrate(db: Database) -> None:
+    """Apply the migrations this database has not seen yet; safe to repeat."""
+    db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL)")
+    done = {row["name"] for row in db.query("SELECT name FROM _migrations")}
+    for step in MIGRATIONS:
+        if step.__name__ in done:
+            continue
+        with _immediate(db):
+            step(db)
+            db.execute(
+                "INSERT INTO _migrations (name, applied_at) VALUES (?, ?)",
+                [step.__name__, time.time()],
+            )
+
+
+def connect(path: str | Path) -> Database:
+    """One connection in WAL mode that waits for locks instead of failing."""
+    conn = sqlite3.connect(str(path), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return Database(conn)
+
+
+@contextlib.contextmanager
+def _immediate(db: Database) -> Iterator[Database]:
+    """A write transaction that takes the write lock up front (BEGIN IMMEDIATE)."""
+    db.conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.conn.execute("ROLLBACK")
+        raise
+    db.conn.execute("COMMIT")
+
+
+def _fold(name: str) -> str:
+    folded = unicodedata.normalize("NFKC", name).casefold()
+    return "".join(ch for ch in folded if ch.isalnum())
+
+
+def _has_visible(text: str) -> bool:
+    """True if some character is neither whitespace nor invisible (zero-width, controls)."""
+    return any(unicodedata.category(ch)[0] not in "CZ" for ch in text)
+
+
+def check_room(room: str) -> str:
+    if not isinstance(room, str) or not ROOM_PATTERN.fullmatch(room):
+        raise InvalidInput(
+            "Room names use 1 to 40 lowercase letters, digits, '-' or '_', "
+            "starting with a letter or digit."
+        )
+    return room
+
+
+def check_name(name: str) -> str:
+    """A person's display name, trimmed; raises InvalidInput when unusable."""
+    name = name.strip() if isinstance(name, str) else ""
+    if not _has_visible(name):
+        raise InvalidInput("Please choose a name.")
+    if len(name) > MAX_NAME_CHARS:
+        raise InvalidInput(f"Names can be at most {MAX_NAME_CHARS} characters.")
+    if CONTROL_CHARS.search(name) or "\n" in name or "\r" in name or "\t" in name:
+        raise InvalidInput("Names must be a single line of text.")
+    if _fold(name) in RESERVED_NAMES:
+        raise InvalidInput(f"“{name}” is reserved for the assistant; please choose another name.")
+    return name
+
+
+def check_text(text: str) -> str:
+    """A person's message, stored exactly as written; raises InvalidInput when unusable."""
+    if not isinstance(text, str) or not _has_visible(text):
+        raise InvalidInput("Your message is empty.")
+    if len(text) > MAX_MESSAGE_CHARS:
+        raise InvalidInput(
+            f"Your message is {len(text):,} characters long; the limit is {MAX_MESSAGE_CHARS:,}."
+        )
+    if CONTROL_CHARS.search(text):
+        raise InvalidInput("Your message contains control characters; please remove them.")
+    return text
+
+
+class Store:
+    """The chat database at ``path``; safe to share between threads."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._local = threading.local()
+        migrate(self.db)
+
+    @property
+    def db(self) -> Database:
+        """This thread's connection (created on first use)."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = connect(self.path)
+        return db
+
+    # Writing ---------------------------------------------------------------
+
+    def add_message(self, room: str, author: str, text: str) -> Message:
+        """Store a person's message whole, or raise InvalidInput and store nothing."""
+        room, author, text = check_room(room), check_name(author), check_text(text)
+        now = time.time()
+        with _immediate(self.db) as db:
+            message_id = self._insert_message(db, room, author, "user", "complete", None, now)
+            self._insert_chunk(db, message_id, 0, text)
+            self._bump(db, room)
+        return self.get(message_id)
+
+    def start_reply(self, room: str, reply_to: int | None = None) -> Message:
+        """An empty assistant message in status ``streaming``, to append chunks to."""
+        room = check_room(room)
+        now = time.time()
+        with _immediate(self.db) as db:
+            message_id = self._insert_message(
+                db, room, ASSISTANT_NAME, "assistant", "streaming", reply_to, now
+            )
+            self._bump(db, room)
+        return self.get(message_id)
+
+    def append_chunk(self, message_id: int, text: str) -> None:
+        """Append one piece to a streaming reply, in one transaction."""
+        if not text:
+            return
+        with _immediate(self.db) as db:
+            room = self._touch_streaming(db, message_id)
+            seq = db.execute(
+                "SELECT COALESCE(MAX(seq) + 1, 0) FROM chunks WHERE message_id = ?", [message_id]
+            ).fetchone()[0]
+            self._insert_chunk(db, message_id, seq, text)
+            self._bump(db, room)
+
+    def finish_reply(
+        self, message_id: int, status: str, error: str | None = None, last_chunk: str = ""
+    ) -> None:
+        """Give a streaming reply its final status, with the last piece of text if any."""
+        if status not in FINAL_STATUSES:
+            raise ValueError(f"not a final status: {status!r}")
+        with _immediate(self.db) as db:
+            room = self._touch_streaming(db, message_id)
+            if last_chunk:
+                seq = db.execute(
+                    "SELECT COALESCE(MAX(seq) + 1, 0) FROM chunks WHERE message_id = ?",
+                    [message_id],
+                ).fetchone()[0]
+                self._insert_chunk(db, message_id, seq, last_chunk)
+            db.execute(
+                "UPDATE messages SET status = ?, error = ? WHERE id = ?",
+                [status, error, message_id],
+            )
+            self._bump(db, room)
+
+    def recover_interrupted(self) -> int:
+        """Mark replies left ``streaming`` by a dead process as ``interrupted``.
+
+        Their text so far is kept. Call once at start-up, before any new reply.
+        Returns how many replies were recovered.
+        """
+        with _immediate(self.db) as db:
+            rooms = [
+                row["room"]
+                for row in db.query(
+                    "SELECT DISTINCT room FROM messages WHERE status = 'streaming'"
+                )
+            ]
+            count = db.execute(
+                "UPDATE messages SET status = 'interrupted', error = ?, updated_at = ? "
+                "WHERE status = 'streaming'",
+                [INTERRUPTED_NOTE, time.time()],
+            ).rowcount
+            for room in rooms:
+                self._bump(db, room)
+        return count
+
+    # Reading ---------------------------------------------------------------
+
+    def get(self, message_id: int) -> Message:
+        rows = list(self.db.query("SELECT * FROM messages WHERE id = ?", [message_id]))
+        if not rows:
+            raise StoreError(f"no message {message_id}")
+        return self._with_text(rows)[0]
+
+    def recent(self, room: str, limit: int = 100) -> list[Message]:
+        """The room's last ``limit`` messages, oldest first."""
+        rows = list(
+            self.db.query(
+                "SELECT * FROM (SELECT * FROM messages WHERE room = ? ORDER BY id DESC LIMIT ?) "
+                "ORDER BY id",
+                [check_room(room), limit],
+            )
+        )
+        return self._with_text(rows)
+
+    def version(self, room: str) -> int:
+        """A counter that changes whenever anything in the room changes."""
+        row = self.db.execute("SELECT version FROM rooms WHERE name = ?", [room]).fetchone()
+        return row[0] if row else 0
+
+    # Internals -------------------------------------------------------------
+
+    def _with_text(self, rows: list[dict]) -> list[Message]:
+        if not rows:
+            return []
+        texts: dict[int, list[str]] = {row["id"]: [] for row in rows}
+        placeholders = ",".join("?" * len(texts))
+        for message_id, text in self.db.execute(
+            f"SELECT message_id, text FROM chunks WHERE message_id IN ({placeholders}) "
+            "ORDER BY message_id, seq",
+            list(texts),
+        ):
+            texts[message_id].append(text)
+        return [Message(text="".join(texts[row["id"]]), **row) for row in rows]
+
+    @staticmethod
+    def _insert_message(db, room, author, role, status, reply_to, now) -> int:
+        return db.execute(
+            "INSERT INTO messages (room, author, role, status, reply_to, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [room, author, role, status, reply_to, now, now],
+        ).lastrowid
+
+    @staticmethod
+    def _insert_chunk(db, message_id: int, seq: int, text: str) -> None:
+        db.execute(
+            "INSERT INTO chunks (message_id, seq, text) VALUES (?, ?, ?)", [message_id, seq, text]
+        )
+
+    @staticmethod
+    def _touch_streaming(db, message_id: int) -> str:
+        """Mark the reply updated and return its room; refuse if it is not streaming."""
+        row = db.execute(
+            "UPDATE messages SET updated_at = ? WHERE id = ? AND status = 'streaming' "
+            "RETURNING room",
+            [time.time(), message_id],
+        ).fetchall()
+        if not row:
+            raise NotStreaming(f"message {message_id} is not a streaming reply")
+        return row[0][0]
+
+    @staticmethod
+    def _bump(db, room: str) -> None:
+        db.execute(
+            "INSERT INTO rooms (name, version) VALUES (?, 1) "
+            "ON CONFLICT (name) DO UPDATE SET version = version + 1",
+            [room],
+        )

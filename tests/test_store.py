@@ -1,0 +1,205 @@
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from store import (
+    MAX_MESSAGE_CHARS,
+    InvalidInput,
+    NotStreaming,
+    Store,
+    migrate,
+)
+
+
+def test_migrations_run_once_and_can_repeat(db_path):
+    store = Store(db_path)
+    migrate(store.db)
+    Store(db_path)  # a second process start on the same file
+    names = [row["name"] for row in store.db.query("SELECT name FROM _migrations")]
+    assert names == ["m001_initial"]
+    assert set(store.db.table_names()) >= {"rooms", "messages", "chunks"}
+    assert {c.name for c in store.db["messages"].columns} >= {
+        "id", "room", "author", "role", "status", "error", "created_at", "updated_at"
+    }
+
+
+def test_database_uses_wal_and_a_busy_timeout(store):
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.db.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
+
+
+def test_add_message_and_read_it_back(store):
+    sent = store.add_message("general", "Ada", "Hello *world*  ")
+    [got] = store.recent("general")
+    assert got == sent
+    assert (got.author, got.role, got.text, got.status) == ("Ada", "user", "Hello *world*  ", "complete")
+
+
+def test_reply_is_appended_in_chunks_and_read_whole(store):
+    question = store.add_message("general", "Ada", "@gpt hi")
+    reply = store.start_reply("general", reply_to=question.id)
+    assert store.get(reply.id).text == "" and store.get(reply.id).status == "streaming"
+    store.append_chunk(reply.id, "First sentence. ")
+    assert store.get(reply.id).text == "First sentence. "
+    store.append_chunk(reply.id, "Second one.")
+    store.finish_reply(reply.id, "complete", last_chunk=" End.")
+    final = store.get(reply.id)
+    assert (final.text, final.status, final.reply_to) == ("First sentence. Second one. End.", "complete", question.id)
+    stored = [row["text"] for row in store.db.query("SELECT text FROM chunks WHERE message_id = ? ORDER BY seq", [reply.id])]
+    assert stored == ["First sentence. ", "Second one.", " End."]  # appended, never rewritten
+
+
+def test_finished_reply_refuses_more_text(store):
+    reply = store.start_reply("general")
+    store.finish_reply(reply.id, "stopped", last_chunk="Half")
+    with pytest.raises(NotStreaming):
+        store.append_chunk(reply.id, "more")
+    with pytest.raises(NotStreaming):
+        store.finish_reply(reply.id, "complete")
+    assert store.get(reply.id).text == "Half"
+    assert store.get(reply.id).status == "stopped"
+
+
+def test_recent_is_ordered_limited_and_per_room(store):
+    for i in range(5):
+        store.add_message("general", "Ada", f"g{i}")
+        store.add_message("random", "Bob", f"r{i}")
+    assert [m.text for m in store.recent("general")] == ["g0", "g1", "g2", "g3", "g4"]
+    assert [m.text for m in store.recent("general", limit=2)] == ["g3", "g4"]
+    assert {m.room for m in store.recent("random")} == {"random"}
+    assert store.recent("empty") == []
+
+
+def test_room_version_changes_with_every_write_in_that_room_only(store):
+    assert store.version("general") == 0
+    store.add_message("general", "Ada", "hi")
+    v1 = store.version("general")
+    reply = store.start_reply("general")
+    v2 = store.version("general")
+    store.append_chunk(reply.id, "Some text. ")
+    v3 = store.version("general")
+    store.add_message("random", "Bob", "elsewhere")
+    assert store.version("general") == v3
+    store.finish_reply(reply.id, "complete")
+    assert v1 < v2 < v3 < store.version("general")
+
+
+def test_recovery_marks_streaming_replies_interrupted_and_keeps_text(db_path):
+    store = Store(db_path)
+    done = store.start_reply("general")
+    store.finish_reply(done.id, "complete", last_chunk="Done.")
+    left = store.start_reply("general")
+    store.append_chunk(left.id, "Half a reply")
+    before = store.version("general")
+
+    restarted = Store(db_path)  # as after the process died
+    assert restarted.recover_interrupted() == 1
+    assert restarted.get(left.id).status == "interrupted"
+    assert restarted.get(left.id).text == "Half a reply"
+    assert restarted.get(left.id).error
+    assert restarted.get(done.id).status == "complete"
+    assert restarted.version("general") > before
+    assert restarted.recover_interrupted() == 0
+
+
+@pytest.mark.parametrize(
+    "room, author, text, complaint",
+    [
+        ("general", "Ada", "", "empty"),
+        ("general", "Ada", "  \n\t ", "empty"),
+        ("general", "Ada", "\u200b\u200b", "empty"),
+        ("general", "Ada", "x" * (MAX_MESSAGE_CHARS + 1), "limit"),
+        ("general", "Ada", "bell\x07", "control"),
+        ("General", "Ada", "hi", "Room"),
+        ("../etc", "Ada", "hi", "Room"),
+        ("", "Ada", "hi", "Room"),
+        ("r" * 41, "Ada", "hi", "Room"),
+        ("general", "", "hi", "name"),
+        ("general", "   ", "hi", "name"),
+        ("general", "n" * 41, "hi", "at most"),
+        ("general", "GPT", "hi", "reserved"),
+        ("general", "gpt ", "hi", "reserved"),
+        ("general", "G.P.T", "hi", "reserved"),
+        ("general", "ＧＰＴ", "hi", "reserved"),
+        ("general", "G\u200bPT", "hi", "reserved"),
+        ("general", "Assistant", "hi", "reserved"),
+        ("general", "Ada\nGPT", "hi", "single line"),
+    ],
+)
+def test_bad_input_is_refused_and_nothing_is_stored(store, room, author, text, complaint):
+    with pytest.raises(InvalidInput, match=complaint):
+        store.add_message(room, author, text)
+    assert store.db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0
+    assert store.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0] == 0
+
+
+def test_limits_are_inclusive(store):
+    store.add_message("r" * 40, "n" * 40, "x" * MAX_MESSAGE_CHARS)
+    [message] = store.recent("r" * 40)
+    assert len(message.text) == MAX_MESSAGE_CHARS
+    assert message.author == "n" * 40
+
+
+def test_names_are_trimmed(store):
+    assert store.add_message("general", "  Ada  ", "hi").author == "Ada"
+
+
+def test_eight_threads_append_concurrently_without_loss_or_interleaving(db_path):
+    store = Store(db_path)
+    replies = [store.start_reply("general").id for _ in range(8)]
+    errors = []
+
+    def write(message_id):
+        try:
+            for i in range(60):
+                store.append_chunk(message_id, f"[{message_id}:{i}]")
+            store.finish_reply(message_id, "complete")
+        except Exception as error:  # collected, asserted below
+            errors.append(error)
+
+    readers_stop = threading.Event()
+
+    def read():
+        while not readers_stop.is_set():
+            store.recent("general")
+
+    threads = [threading.Thread(target=write, args=(m,)) for m in replies]
+    threads += [threading.Thread(target=read) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads[:8]:
+        t.join()
+    readers_stop.set()
+    for t in threads[8:]:
+        t.join()
+
+    assert errors == []
+    for message_id in replies:
+        message = store.get(message_id)
+        assert message.status == "complete"
+        assert message.text == "".join(f"[{message_id}:{i}]" for i in range(60))
+
+
+def test_store_waits_for_another_writer_instead_of_failing(db_path):
+    store = Store(db_path)
+    reply = store.start_reply("general")
+    locked = threading.Event()
+
+    def hold_write_lock():
+        other = sqlite3.connect(db_path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        locked.set()
+        time.sleep(1.0)
+        other.execute("COMMIT")
+
+    holder = threading.Thread(target=hold_write_lock)
+    holder.start()
+    locked.wait()
+    started = time.monotonic()
+    store.append_chunk(reply.id, "waited. ")  # blocks until the other writer commits
+    waited = time.monotonic() - started
+    holder.join()
+    assert store.get(reply.id).text == "waited. "
+    assert waited >= 0.5  # it really waited on the lock rather than failing
