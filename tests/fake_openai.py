@@ -1,0 +1,209 @@
+"""An OpenAI-compatible chat-completions server on 127.0.0.1 for tests.
+
+It speaks the real wire format (HTTP/1.1, chunked server-sent events), so the
+real ``openai`` client talks to it through ``base_url``. Each request is
+answered by the next queued ``Reply``, which can also misbehave the ways real
+providers do: error statuses, an error object inside a 200 stream, a dropped
+connection, a stream that hangs or ends without a finish reason.
+
+Run it alone for manual testing: ``python tests/fake_openai.py --port 8765``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass
+class Reply:
+    """What the server does for one request."""
+
+    pieces: list[str] = field(default_factory=lambda: ["Hello", " from", " the", " test server."])
+    delay_s: float = 0.0  # pause before each piece
+    status: int = 200
+    error_body: dict | None = None  # JSON body for a non-200 status
+    headers: dict[str, str] = field(default_factory=dict)
+    finish_reason: str | None = "stop"  # None: the stream ends without one
+    usage: bool = True  # a last chunk with `choices: []` and usage figures
+    empty_deltas: bool = True  # a role-only first chunk and a content=None chunk
+    error_event: dict | None = None  # `data: {"error": ...}` after the pieces, in a 200 stream
+    raw_lines: list[str] = field(default_factory=list)  # sent as-is after the pieces
+    drop: bool = False  # close the connection after the pieces, mid-body
+    hang: bool = False  # stop sending after the pieces and wait
+
+
+@dataclass
+class Sent:
+    """What the server did for one request: for asserting on early closes."""
+
+    pieces_sent: int = 0
+    aborted: bool = False  # the client went away before the end
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class FakeOpenAI:
+    """A local chat-completions server; use as a context manager or call close()."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, default: Reply | None = None):
+        self.queue: deque[Reply] = deque()
+        self.default = default or Reply()
+        self.requests: list[dict] = []  # {"headers": ..., "body": ...} per request
+        self.sent: list[Sent] = []
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer((host, port), _handler_for(self))
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def enqueue(self, *replies: Reply) -> None:
+        with self._lock:
+            self.queue.extend(replies)
+
+    def next_reply(self, body: dict, headers: dict) -> tuple[Reply, Sent]:
+        with self._lock:
+            self.requests.append({"headers": headers, "body": body})
+            reply = self.queue.popleft() if self.queue else self.default
+            sent = Sent()
+            self.sent.append(sent)
+        return reply, sent
+
+    def close(self) -> None:
+        self.stopping.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> FakeOpenAI:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _chunk(delta: dict, finish_reason: str | None = None) -> dict:
+    return {
+        "id": "chatcmpl-test",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": "test-model",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    }
+
+
+def _handler_for(server: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:  # keep test output quiet
+            pass
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(length) or b"{}")
+            reply, sent = server.next_reply(body, {k.lower(): v for k, v in self.headers.items()})
+            try:
+                if reply.status != 200:
+                    self._send_error(reply)
+                else:
+                    self._stream(reply, sent)
+            except (BrokenPipeError, ConnectionResetError):
+                sent.aborted = True
+            finally:
+                sent.done.set()
+
+        def _send_error(self, reply: Reply) -> None:
+            payload = json.dumps(
+                reply.error_body
+                or {"error": {"message": f"status {reply.status}", "type": "test_error"}}
+            ).encode()
+            self.send_response(reply.status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            for name, value in reply.headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def _stream(self, reply: Reply, sent: Sent) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            if reply.empty_deltas:
+                self._event(_chunk({"role": "assistant", "content": ""}))
+                self._event(_chunk({"content": None}))
+            for piece in reply.pieces:
+                if reply.delay_s and server.stopping.wait(reply.delay_s):
+                    return
+                self._event(_chunk({"content": piece}))
+                sent.pieces_sent += 1
+            for line in reply.raw_lines:
+                self._write(line.encode() + b"\n\n")
+            if reply.error_event is not None:
+                self._event({"error": reply.error_event})
+            if reply.drop:
+                self.wfile.flush()
+                self.connection.shutdown(2)  # mid-body: the chunked encoding never ends
+                self.close_connection = True
+                return
+            if reply.hang:
+                server.stopping.wait(60)
+                return
+            if reply.finish_reason is not None:
+                self._event(_chunk({}, reply.finish_reason))
+            if reply.usage:
+                self._event(
+                    {
+                        **_chunk({}),
+                        "choices": [],
+                        "usage": {"prompt_tokens": 10, "completion_tokens": len(reply.pieces),
+                                  "total_tokens": 10 + len(reply.pieces)},
+                    }
+                )
+            self._write(b"data: [DONE]\n\n")
+            self._write(b"")  # the last chunk of the chunked encoding
+
+        def _event(self, data: dict) -> None:
+            self._write(b"data: " + json.dumps(data).encode() + b"\n\n")
+
+        def _write(self, data: bytes) -> None:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+
+    return Handler
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--tokens-per-s", type=float, default=40.0)
+    args = parser.parse_args()
+    words = (
+        "This reply comes from the local test server. It streams one word at a time. "
+        "Each sentence ends with a full stop, so the store writes it once. That is all."
+    ).split(" ")
+    pieces = [words[0]] + [" " + word for word in words[1:]]
+    server = FakeOpenAI(port=args.port, default=Reply(pieces=pieces, delay_s=1 / args.tokens_per_s))
+    print(f"OPENAI_BASE_URL={server.base_url}", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        server.close()
+
+
+if __name__ == "__main__":
+    main()
