@@ -36,6 +36,7 @@ class Reply:
     raw_lines: list[str] = field(default_factory=list)  # sent as-is after the pieces
     drop: bool = False  # close the connection after the pieces, mid-body
     hang: bool = False  # stop sending after the pieces and wait
+    echo: int = 0  # if set, the pieces are the words of the last message, this many times
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Sent:
     """What the server did for one request: for asserting on early closes."""
 
     pieces_sent: int = 0
+    text: str = ""  # the text of the pieces sent
     aborted: bool = False  # the client went away before the end
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -118,7 +120,7 @@ def _handler_for(server: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 if reply.status != 200:
                     self._send_error(reply)
                 else:
-                    self._stream(reply, sent)
+                    self._stream(reply, sent, body)
             except (BrokenPipeError, ConnectionResetError):
                 sent.aborted = True
             finally:
@@ -137,20 +139,25 @@ def _handler_for(server: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(payload)
 
-        def _stream(self, reply: Reply, sent: Sent) -> None:
+        def _stream(self, reply: Reply, sent: Sent, body: dict) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked")
             self.send_header("Connection", "close")
             self.end_headers()
+            pieces = reply.pieces
+            if reply.echo:
+                words = (body["messages"][-1]["content"] + " ") * reply.echo
+                pieces = [word + " " for word in words.split()]
             if reply.empty_deltas:
                 self._event(_chunk({"role": "assistant", "content": ""}))
                 self._event(_chunk({"content": None}))
-            for piece in reply.pieces:
+            for piece in pieces:
                 if reply.delay_s and server.stopping.wait(reply.delay_s):
                     return
                 self._event(_chunk({"content": piece}))
                 sent.pieces_sent += 1
+                sent.text += piece
             for line in reply.raw_lines:
                 self._write(line.encode() + b"\n\n")
             if reply.error_event is not None:
@@ -170,8 +177,8 @@ def _handler_for(server: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                     {
                         **_chunk({}),
                         "choices": [],
-                        "usage": {"prompt_tokens": 10, "completion_tokens": len(reply.pieces),
-                                  "total_tokens": 10 + len(reply.pieces)},
+                        "usage": {"prompt_tokens": 10, "completion_tokens": len(pieces),
+                                  "total_tokens": 10 + len(pieces)},
                     }
                 )
             self._write(b"data: [DONE]\n\n")

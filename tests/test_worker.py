@@ -1,0 +1,281 @@
+import threading
+import time
+
+import pytest
+
+from fake_openai import Reply
+from llm import DemoModel, OpenAIModel, make_client
+from settings import Settings
+from store import Store
+from worker import Busy, LiveReply, ReplyWorker, SlowDown
+
+SENTENCES = [
+    "The first sentence is right here.",
+    " A second one follows it!",
+    " Is this the third sentence?",
+    " Yes, and it ends the reply.",
+]
+PIECES = [word for sentence in SENTENCES for word in sentence.split(" ") if word]
+PIECES = [PIECES[0]] + [" " + p for p in PIECES[1:]]
+TEXT = "".join(PIECES)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def make_worker(store, server):
+    workers = []
+
+    def make(**options):
+        settings = Settings(openai_api_key="sk-test", openai_base_url=server.base_url, idle_timeout_s=2.0)
+        model = options.pop("model", None) or OpenAIModel(make_client(settings), "test-model", idle_timeout_s=2.0)
+        worker = ReplyWorker(store, model, system_prompt="Be brief.", **options)
+        workers.append(worker)
+        return worker
+
+    yield make
+    for worker in workers:
+        assert worker.shutdown(timeout=10)
+
+
+def ask(store, worker, text="@gpt hello", room="general", asker="Ada") -> LiveReply:
+    question = store.add_message(room, asker, text)
+    return worker.ask(room, asker, reply_to=question.id)
+
+
+def wait_done(reply: LiveReply, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not reply.done and time.monotonic() < deadline:
+        reply.wait(len(reply.text()), 0.1)
+    assert reply.done, "reply did not finish"
+
+
+def wait_for_text(reply: LiveReply, chars: int, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while len(reply.text()) < chars and time.monotonic() < deadline:
+        reply.wait(len(reply.text()), 0.1)
+    assert len(reply.text()) >= chars
+
+
+def test_reply_completes_and_is_stored_exactly_as_streamed(store, server, make_worker):
+    server.enqueue(Reply(pieces=PIECES))
+    worker = make_worker()
+    reply = ask(store, worker)
+    wait_done(reply)
+    stored = store.get(reply.message_id)
+    assert reply.text() == stored.text == TEXT == server.sent[0].text
+    assert (reply.status, stored.status, stored.role, stored.author) == ("complete", "complete", "assistant", "GPT")
+    # The model saw the system prompt and the question with its author.
+    messages = server.requests[0]["body"]["messages"]
+    assert messages[0] == {"role": "system", "content": "Be brief."}
+    assert messages[-1] == {"role": "user", "content": "Ada: @gpt hello"}
+
+
+def test_reply_is_persisted_once_per_sentence_and_counted(store, server, make_worker):
+    server.enqueue(Reply(pieces=PIECES))
+    worker = make_worker()
+    reply = ask(store, worker)
+    wait_done(reply)
+    chunks = [r["text"] for r in store.db.query("SELECT text FROM chunks WHERE message_id = ? ORDER BY seq", [reply.message_id])]
+    assert chunks == SENTENCES
+    stats = reply.stats
+    assert stats.tokens == len(PIECES)
+    assert stats.chunks == len(SENTENCES)
+    assert stats.commits == len(SENTENCES) + 1  # start; the last sentence goes with the final status
+    assert stats.bytes_written == len(TEXT.encode())
+    assert stats.bytes_written < stats.seed_bytes < stats.per_token_bytes
+    assert worker.totals.tokens == len(PIECES)
+
+
+def test_the_asker_follows_token_by_token(store, server, make_worker):
+    server.enqueue(Reply(pieces=PIECES, delay_s=0.03))
+    worker = make_worker()
+    reply = ask(store, worker)
+    states = list(reply.follow(timeout=0.01))
+    assert len(states) > len(SENTENCES) * 2  # many more steps than sentences
+    assert all(b.startswith(a) and len(b) > len(a) for a, b in zip(states, states[1:]))  # only grows
+    assert states[-1] == TEXT == store.get(reply.message_id).text
+
+
+def test_viewer_polling_the_store_sees_only_sentence_boundaries(store, server, make_worker):
+    server.enqueue(Reply(pieces=PIECES, delay_s=0.03))
+    worker = make_worker()
+    reply = ask(store, worker)
+    seen = []
+    while True:
+        message = store.get(reply.message_id)
+        if not seen or seen[-1] != message.text:
+            seen.append(message.text)
+        if message.is_final:
+            break
+        time.sleep(0.005)
+    boundaries = {"".join(SENTENCES[:i]) for i in range(len(SENTENCES) + 1)}
+    assert set(seen) <= boundaries
+    assert len(seen) >= 3  # it grew in steps, not all at once
+    assert seen[-1] == TEXT
+
+
+def test_follower_attaching_midway_sees_the_same_final_text(store, server, make_worker):
+    server.enqueue(Reply(pieces=PIECES, delay_s=0.02))
+    worker = make_worker()
+    reply = ask(store, worker)
+    wait_for_text(reply, 30)
+    again = worker.get(reply.message_id)  # as after a rerun of the asker's script
+    assert again is reply
+    states = list(again.follow())
+    assert len(states[0]) >= 30  # the text so far, at once
+    assert states[-1] == TEXT
+    assert worker.get(reply.message_id).text() == TEXT  # still there once finished
+
+
+def test_stop_keeps_the_text_so_far_and_closes_the_model_stream(store, server, make_worker):
+    server.enqueue(Reply(pieces=["word "] * 400, delay_s=0.01))
+    worker = make_worker()
+    reply = ask(store, worker)
+    wait_for_text(reply, 50)
+    reply.cancel()
+    wait_done(reply)
+    stored = store.get(reply.message_id)
+    assert (reply.status, stored.status) == ("stopped", "stopped")
+    assert stored.text == reply.text() and len(stored.text) >= 50
+    assert server.sent[0].done.wait(5) and server.sent[0].aborted
+    assert server.sent[0].pieces_sent < 400
+
+
+def test_stop_is_immediate_even_while_the_model_is_silent(store, server, make_worker):
+    server.enqueue(Reply(pieces=["Thinking hard..."], hang=True))
+    worker = make_worker()
+    reply = ask(store, worker)
+    wait_for_text(reply, 5)
+    started = time.monotonic()
+    reply.cancel()
+    wait_done(reply, timeout=1)
+    assert time.monotonic() - started < 0.5
+    assert store.get(reply.message_id).status == "stopped"
+    assert store.get(reply.message_id).text == "Thinking hard..."
+
+
+def test_stopping_twice_is_harmless(store, server, make_worker):
+    server.enqueue(Reply(pieces=["word "] * 200, delay_s=0.01))
+    worker = make_worker()
+    reply = ask(store, worker)
+    wait_for_text(reply, 10)
+    reply.cancel()
+    reply.cancel()
+    wait_done(reply)
+    assert store.get(reply.message_id).status == "stopped"
+
+
+@pytest.mark.parametrize(
+    "misbehaviour, note",
+    [
+        ({"error_event": {"message": "overloaded"}}, "overloaded"),
+        ({"drop": True}, "connection"),
+        ({"finish_reason": None, "usage": False}, "cut off"),
+        ({"hang": True}, "sent nothing"),
+    ],
+)
+def test_errors_end_the_reply_with_its_partial_text_and_a_note(store, server, make_worker, misbehaviour, note):
+    server.enqueue(Reply(pieces=PIECES[:8], **misbehaviour))
+    worker = make_worker()
+    reply = ask(store, worker)
+    wait_done(reply, timeout=10)
+    stored = store.get(reply.message_id)
+    assert (reply.status, stored.status) == ("error", "error")
+    assert stored.text == "".join(PIECES[:8]) == reply.text()
+    assert note in stored.error and stored.error == reply.error
+
+
+def test_provider_refusal_stores_an_empty_error_reply(store, server, make_worker):
+    server.enqueue(Reply(status=401))
+    worker = make_worker()
+    reply = ask(store, worker)
+    wait_done(reply)
+    stored = store.get(reply.message_id)
+    assert (stored.status, stored.text) == ("error", "")
+    assert "API key" in stored.error and "sk-test" not in stored.error
+
+
+def test_concurrency_limit_refuses_clearly_and_stores_nothing(store, server, make_worker):
+    server.default = Reply(pieces=["word "] * 100, delay_s=0.02)
+    worker = make_worker(max_concurrent=2)
+    first = ask(store, worker, asker="Ada")
+    second = ask(store, worker, asker="Bob")
+    replies_before = store.db.execute("SELECT COUNT(*) FROM messages WHERE role = 'assistant'").fetchone()[0]
+    with pytest.raises(Busy, match="already writing 2 replies"):
+        worker.ask("general", "Cy")
+    assert store.db.execute("SELECT COUNT(*) FROM messages WHERE role = 'assistant'").fetchone()[0] == replies_before
+    first.cancel()
+    wait_done(first)
+    third = worker.ask("general", "Cy")  # a slot is free again
+    second.cancel()
+    third.cancel()
+    wait_done(third)
+
+
+def test_rate_limit_per_asker(store, make_worker):
+    clock = FakeClock()
+    worker = make_worker(model=DemoModel(tokens_per_s=5000), replies_per_minute=2, clock=clock)
+    for _ in range(2):
+        wait_done(worker.ask("general", "session-ada"))
+    with pytest.raises(SlowDown, match="2 times a minute"):
+        worker.ask("general", "session-ada")
+    wait_done(worker.ask("general", "session-bob"))  # others are not affected
+    clock.now += 61
+    wait_done(worker.ask("general", "session-ada"))
+
+
+def test_five_concurrent_replies_lose_nothing(store, server, make_worker):
+    server.default = Reply(echo=12, delay_s=0.002)
+    worker = make_worker(max_concurrent=5)
+    replies = [ask(store, worker, text=f"@gpt reply{i} number {i} please.", asker=f"p{i}") for i in range(5)]
+    for reply in replies:
+        wait_done(reply, timeout=20)
+    sent = {s.text for s in server.sent}
+    for i, reply in enumerate(replies):
+        stored = store.get(reply.message_id)
+        assert stored.status == "complete"
+        assert stored.text == reply.text() and stored.text in sent
+        assert stored.text.count(f"reply{i}") == 12  # its own words, none of another reply's
+        assert stored.text.count("reply") == 12
+
+
+def test_reply_completes_and_is_stored_when_nobody_follows_it(db_path, server, make_worker):
+    server.enqueue(Reply(pieces=PIECES, delay_s=0.01))
+    worker = make_worker()
+    reply = ask(Store(db_path), worker)
+    message_id = reply.message_id
+    del reply  # the asker's session is gone
+    other_viewer = Store(db_path)
+    deadline = time.monotonic() + 10
+    while other_viewer.get(message_id).status == "streaming" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert other_viewer.get(message_id).status == "complete"
+    assert other_viewer.get(message_id).text == TEXT
+
+
+def test_shutdown_ends_every_reply_in_a_final_state(store, server, make_worker):
+    server.default = Reply(pieces=["word "] * 500, delay_s=0.01)
+    worker = make_worker()
+    replies = [ask(store, worker, asker=f"p{i}") for i in range(3)]
+    for reply in replies:
+        wait_for_text(reply, 5)
+    assert worker.shutdown(timeout=5)
+    assert {store.get(r.message_id).status for r in replies} == {"stopped"}
+    with pytest.raises(Busy):
+        worker.ask("general", "late")
+
+
+def test_demo_model_reply_through_the_worker(store, make_worker):
+    worker = make_worker(model=DemoModel(tokens_per_s=2000))
+    reply = ask(store, worker, text="@gpt how does this work?")
+    wait_done(reply)
+    stored = store.get(reply.message_id)
+    assert stored.status == "complete" and "how does this work?" in stored.text
+    assert reply.stats.chunks >= 4

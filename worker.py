@@ -1,0 +1,332 @@
+"""The reply worker: generates assistant replies outside any Streamlit script run.
+
+A script run is stopped by every refresh tick, click or closed tab, so a reply
+cannot be generated inside one. ``ReplyWorker`` (one per process, held in
+``st.cache_resource``) runs each reply in a thread of its own that never calls
+``st.*``:
+
+    model.stream() --pump thread--> queue --reply thread--> LiveReply  (asker, per token)
+                                                      \\--> SentenceChunker --> Store  (everyone, per sentence)
+
+The pump thread only reads the model, so that a stop takes effect at once even
+while the model is silent. The reply thread owns all writes for its reply and
+always ends it in a final status.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+
+from chunker import SentenceChunker
+from llm import CONTEXT_MESSAGES, Model, ModelError, build_context
+from store import Store
+
+log = logging.getLogger(__name__)
+
+KEEP_FINISHED = 200  # finished replies kept in memory for late followers and stats
+WRITE_ATTEMPTS = 3  # each attempt already waits up to the store's busy timeout
+SAVE_FAILED_NOTE = "This reply could not be saved completely."
+UNEXPECTED_NOTE = "Something went wrong while writing this reply."
+
+_END = object()  # the model finished
+_CANCEL = object()  # someone pressed stop
+
+
+class ReplyRefused(Exception):
+    """The worker will not start a reply now; str(error) is for people."""
+
+
+class Busy(ReplyRefused):
+    pass
+
+
+class SlowDown(ReplyRefused):
+    pass
+
+
+@dataclass
+class ReplyStats:
+    """Figures for one reply, and what two other ways of persisting it would cost."""
+
+    tokens: int = 0  # pieces received from the model
+    chunks: int = 0  # text chunks persisted
+    commits: int = 0  # write transactions, including start and finish
+    bytes_written: int = 0  # text bytes handed to SQLite by this store
+    seed_bytes: int = 0  # ... by rewriting the whole text at every sentence
+    per_token_bytes: int = 0  # ... by rewriting the whole text at every token
+    text_bytes: int = 0  # size of the reply so far
+
+    def __add__(self, other: ReplyStats) -> ReplyStats:
+        return ReplyStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+
+class LiveReply:
+    """A reply being generated: the text so far, for followers, and its outcome."""
+
+    def __init__(self, message_id: int, room: str, asker: str):
+        self.message_id = message_id
+        self.room = room
+        self.asker = asker
+        self.stats = ReplyStats()
+        self.status = "streaming"
+        self.error: str | None = None
+        self._pieces: list[str] = []
+        self._length = 0
+        self._changed = threading.Condition()
+        self._cancelled = threading.Event()
+        self._wake: queue.SimpleQueue = queue.SimpleQueue()
+
+    @property
+    def done(self) -> bool:
+        return self.status != "streaming"
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def text(self) -> str:
+        with self._changed:
+            return "".join(self._pieces)
+
+    def wait(self, seen: int, timeout: float) -> tuple[str, bool]:
+        """Block until there is more than ``seen`` characters, the end, or ``timeout``.
+
+        Returns the whole text so far and whether the reply is done.
+        """
+        with self._changed:
+            self._changed.wait_for(lambda: self._length > seen or self.done, timeout)
+            return "".join(self._pieces), self.done
+
+    def follow(self, timeout: float = 0.05) -> Iterator[str]:
+        """The whole text so far, again each time it grows, until the reply ends."""
+        seen = -1
+        while True:
+            text, done = self.wait(seen, timeout)
+            if len(text) != seen:
+                seen = len(text)
+                yield text
+            if done:
+                return
+
+    def cancel(self) -> None:
+        """Stop generating; the text so far is kept and the reply ends ``stopped``."""
+        self._cancelled.set()
+        self._wake.put(_CANCEL)
+
+    def _add(self, piece: str) -> None:
+        with self._changed:
+            self._pieces.append(piece)
+            self._length += len(piece)
+            self._changed.notify_all()
+
+    def _end(self, status: str, error: str | None) -> None:
+        with self._changed:
+            self.status, self.error = status, error
+            self._changed.notify_all()
+
+
+class ReplyWorker:
+    """Starts, tracks and limits assistant replies for the whole process."""
+
+    def __init__(
+        self,
+        store: Store,
+        model: Model,
+        system_prompt: str,
+        max_concurrent: int = 4,
+        replies_per_minute: int = 5,
+        chunker: Callable[[], SentenceChunker] = SentenceChunker,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.store = store
+        self.model = model
+        self.system_prompt = system_prompt
+        self.max_concurrent = max_concurrent
+        self.replies_per_minute = replies_per_minute
+        self._chunker = chunker
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._starting = 0  # slots reserved by ask() before the thread exists
+        self._active: dict[int, tuple[LiveReply, threading.Thread]] = {}
+        self._finished: OrderedDict[int, LiveReply] = OrderedDict()
+        self._asked: dict[str, deque[float]] = {}
+        self._closed = False
+        self.totals = ReplyStats()
+
+    # Public ------------------------------------------------------------------
+
+    def ask(self, room: str, asker: str, reply_to: int | None = None) -> LiveReply:
+        """Start a reply to the room's latest messages, or raise ReplyRefused."""
+        self._reserve(asker)
+        try:
+            history = self.store.recent(room, limit=CONTEXT_MESSAGES)
+            message = self.store.start_reply(room, reply_to)
+        except BaseException:
+            with self._lock:
+                self._starting -= 1
+            raise
+        reply = LiveReply(message.id, room, asker)
+        reply.stats.commits = 1
+        thread = threading.Thread(
+            target=self._run,
+            args=(reply, build_context(history, self.system_prompt)),
+            name=f"reply-{message.id}",
+        )
+        with self._lock:
+            self._starting -= 1
+            self._active[message.id] = (reply, thread)
+        thread.start()
+        return reply
+
+    def get(self, message_id: int) -> LiveReply | None:
+        """The live (or recently finished) reply for a message, if this process has it."""
+        with self._lock:
+            if message_id in self._active:
+                return self._active[message_id][0]
+            return self._finished.get(message_id)
+
+    def active(self) -> list[LiveReply]:
+        with self._lock:
+            return [reply for reply, _ in self._active.values()]
+
+    def shutdown(self, timeout: float = 10.0) -> bool:
+        """Stop every reply and wait for each to be stored; True if all ended in time."""
+        with self._lock:
+            self._closed = True
+            running = list(self._active.values())
+        for reply, _ in running:
+            reply.cancel()
+        deadline = time.monotonic() + timeout
+        for _, thread in running:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for _, thread in running)
+
+    # Limits ------------------------------------------------------------------
+
+    def _reserve(self, asker: str) -> None:
+        now = self._clock()
+        with self._lock:
+            if self._closed:
+                raise Busy("The server is restarting; please ask again in a moment.")
+            asked = self._asked.setdefault(asker, deque())
+            while asked and now - asked[0] >= 60:
+                asked.popleft()
+            if len(asked) >= self.replies_per_minute:
+                wait = 60 - (now - asked[0])
+                raise SlowDown(
+                    f"You can ask the assistant {self.replies_per_minute} times a minute; "
+                    f"please wait {max(1, round(wait))} s."
+                )
+            if len(self._active) + self._starting >= self.max_concurrent:
+                raise Busy(
+                    f"The assistant is already writing {self.max_concurrent} replies; "
+                    "please ask again when one has finished."
+                )
+            asked.append(now)
+            self._starting += 1
+
+    # The reply thread ----------------------------------------------------------
+
+    def _run(self, reply: LiveReply, messages: list[dict[str, str]]) -> None:
+        chunker = self._chunker()
+        unsaved = ""  # text a failed write could not store; retried with the last chunk
+        status, note = "complete", None
+        pump = threading.Thread(
+            target=_pump,
+            args=(self.model, messages, reply._wake, reply._cancelled),
+            name=f"reply-{reply.message_id}-model",
+            daemon=True,  # it only reads; the reply thread does every write
+        )
+        pump.start()
+        try:
+            while True:
+                item = reply._wake.get()
+                if item is _CANCEL or reply.cancelled:
+                    status = "stopped"
+                    break
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                reply._add(item)
+                _count_token(reply.stats, item)
+                for chunk in chunker.feed(item):
+                    unsaved += chunk
+                    self._write(reply, lambda: self.store.append_chunk(reply.message_id, unsaved))
+                    _count_chunk(reply.stats, unsaved)
+                    unsaved = ""
+        except ModelError as error:
+            status, note = "error", str(error)
+        except Exception:
+            log.exception("reply %s failed", reply.message_id)
+            status, note = "error", UNEXPECTED_NOTE
+        finally:
+            rest = unsaved + chunker.flush()
+            try:
+                self._write(
+                    reply,
+                    lambda: self.store.finish_reply(reply.message_id, status, note, last_chunk=rest),
+                )
+                if rest:
+                    _count_chunk(reply.stats, rest)
+            except Exception:
+                log.exception("reply %s could not be saved", reply.message_id)
+                status, note = "error", SAVE_FAILED_NOTE
+            reply._end(status, note)
+            with self._lock:
+                self._active.pop(reply.message_id, None)
+                self._finished[reply.message_id] = reply
+                while len(self._finished) > KEEP_FINISHED:
+                    self._finished.popitem(last=False)
+                self.totals = self.totals + reply.stats
+
+    @staticmethod
+    def _write(reply: LiveReply, write: Callable[[], None]) -> None:
+        """One store write, retried if the database stays locked past its busy timeout."""
+        for attempt in range(WRITE_ATTEMPTS):
+            try:
+                write()
+                reply.stats.commits += 1
+                return
+            except sqlite3.OperationalError as error:
+                if attempt == WRITE_ATTEMPTS - 1 or "locked" not in str(error):
+                    raise
+                log.warning("reply %s: database busy, retrying", reply.message_id)
+                time.sleep(0.2 * (attempt + 1))
+
+
+def _pump(model: Model, messages, out: queue.SimpleQueue, cancelled: threading.Event) -> None:
+    """Read the model's stream into ``out``; close it (and its HTTP stream) on stop."""
+    stream = model.stream(messages)
+    try:
+        for piece in stream:
+            if cancelled.is_set():
+                return
+            if piece:
+                out.put(piece)
+        out.put(_END)
+    except BaseException as error:  # handed to the reply thread, which decides
+        out.put(error)
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+
+
+def _count_token(stats: ReplyStats, piece: str) -> None:
+    stats.tokens += 1
+    stats.text_bytes += len(piece.encode())
+    stats.per_token_bytes += stats.text_bytes
+
+
+def _count_chunk(stats: ReplyStats, chunk: str) -> None:
+    stats.chunks += 1
+    stats.bytes_written += len(chunk.encode())
+    stats.seed_bytes += stats.bytes_written
