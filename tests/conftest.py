@@ -1,13 +1,7 @@
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from fake_openai import FakeOpenAI  # noqa: E402
-from store import Store  # noqa: E402
+from fake_openai import FakeOpenAI
+from store import Store
 
 
 @pytest.fixture

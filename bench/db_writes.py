@@ -1,0 +1,120 @@
+"""What persisting one streamed reply costs SQLite, three ways, side by side.
+
+For replies of 200, 2,000 and 20,000 tokens, streamed at full speed:
+  append    this app: the ReplyWorker appends one chunk per sentence (store.py)
+  seed      rewrite the whole text at every sentence, as the original article's code does
+  token     rewrite the whole text at every token
+
+Each approach writes to a real SQLite file in WAL mode. "Text bytes" are the
+bytes of text handed to SQLite; "per reply byte" divides them by the reply's size.
+
+    python bench/db_writes.py
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from chunker import SentenceChunker  # noqa: E402
+from store import Store, connect  # noqa: E402
+from worker import ReplyWorker  # noqa: E402
+
+WORDS = (
+    "the a streaming reply database sentence token viewer room chat model write commit "
+    "persist chunk browser server quick simple every person sees grows steady small "
+    "answer question thread stored append text light fast"
+).split()
+
+
+def reply_tokens(count: int, seed: int = 7) -> list[str]:
+    """``count`` word tokens in sentences of 6 to 24 words, deterministic."""
+    rng = random.Random(seed)
+    tokens: list[str] = []
+    while len(tokens) < count:
+        length = rng.randint(6, 24)
+        words = [rng.choice(WORDS) for _ in range(length)]
+        words[0] = words[0].capitalize()
+        words[-1] += rng.choice(".!?")
+        tokens += [(" " if tokens or i else "") + w for i, w in enumerate(words)]
+    return tokens[:count]
+
+
+class ListModel:
+    name = "bench"
+
+    def __init__(self, tokens: list[str]):
+        self.tokens = tokens
+
+    def stream(self, messages):
+        yield from self.tokens
+
+
+def run_append(tokens: list[str], folder: Path) -> dict:
+    store = Store(folder / "append.db")
+    worker = ReplyWorker(store, ListModel(tokens), system_prompt="", max_concurrent=1)
+    started = time.perf_counter()
+    reply = worker.ask("bench", "bench")
+    for _ in reply.follow(timeout=1):
+        pass
+    took = time.perf_counter() - started
+    assert store.get(reply.message_id).text == "".join(tokens)
+    worker.shutdown()
+    stats = reply.stats
+    return {"bytes": stats.bytes_written, "commits": stats.commits, "seconds": took,
+            "sentences": stats.chunks}
+
+
+def run_rewrite(tokens: list[str], folder: Path, name: str, per_token: bool) -> dict:
+    db = connect(folder / f"{name}.db")
+    db.execute("CREATE TABLE messages (id INTEGER PRIMARY KEY, body TEXT, status TEXT)")
+    message_id = db.execute("INSERT INTO messages (body, status) VALUES ('', 'streaming')").lastrowid
+    handed, commits = 0, 1
+    chunker = SentenceChunker()
+    text = ""
+
+    def write(body: str) -> None:
+        nonlocal handed, commits
+        db.execute("UPDATE messages SET body = ? WHERE id = ?", [body, message_id])
+        handed += len(body.encode())
+        commits += 1
+
+    started = time.perf_counter()
+    for token in tokens:
+        text += token
+        if per_token:
+            write(text)
+        elif chunker.feed(token):
+            write(text[: len(text) - len(chunker.pending)])
+    write(text)  # the final status write carries the whole text
+    took = time.perf_counter() - started
+    return {"bytes": handed, "commits": commits, "seconds": took}
+
+
+def main() -> None:
+    print(f"{'tokens':>7} {'reply bytes':>11} {'approach':>8} {'text bytes':>13} "
+          f"{'per reply byte':>14} {'commits':>7} {'ms':>8}")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for count in (200, 2_000, 20_000):
+            tokens = reply_tokens(count)
+            size = len("".join(tokens).encode())
+            results = {
+                "append": run_append(tokens, folder),
+                "seed": run_rewrite(tokens, folder, f"seed{count}", per_token=False),
+                "token": run_rewrite(tokens, folder, f"token{count}", per_token=True),
+            }
+            for name, r in results.items():
+                print(f"{count:>7,} {size:>11,} {name:>8} {r['bytes']:>13,} "
+                      f"{r['bytes'] / size:>14.1f} {r['commits']:>7,} {r['seconds'] * 1000:>8.1f}")
+            sentences = sum("".join(tokens).count(mark) for mark in ".!?")
+            print(f"{'':>7} {sentences} sentences; append persisted {results['append']['sentences']} chunks")
+
+
+if __name__ == "__main__":
+    main()
