@@ -15,6 +15,7 @@ always ends it in a final status.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import sqlite3
@@ -23,10 +24,11 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 from chunker import SentenceChunker
-from llm import CONTEXT_MESSAGES, Model, ModelError, build_context
-from store import Store
+from llm import CONTEXT_MESSAGES, MENTION, Model, ModelError, build_context
+from store import Message, Store, check_name, check_room, check_text
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,11 @@ UNEXPECTED_NOTE = "Something went wrong while writing this reply."
 
 _END = object()  # the model finished
 _CANCEL = object()  # someone pressed stop
+
+
+class Posted(NamedTuple):
+    message: Message
+    reply: LiveReply | None  # set when the message asked @gpt
 
 
 class ReplyRefused(Exception):
@@ -162,28 +169,32 @@ class ReplyWorker:
 
     # Public ------------------------------------------------------------------
 
-    def ask(self, room: str, asker: str, reply_to: int | None = None) -> LiveReply:
-        """Start a reply to the room's latest messages, or raise ReplyRefused."""
-        self._reserve(asker)
+    def post(self, room: str, author: str, text: str, asker: str | None = None) -> Posted:
+        """Store a person's message and, if it mentions @gpt, start the reply to it.
+
+        Raises InvalidInput or ReplyRefused with nothing stored. ``asker`` is
+        who the rate limit counts against (default: the author).
+        """
+        room, author, text = check_room(room), check_name(author), check_text(text)
+        if not MENTION.search(text):
+            return Posted(self.store.add_message(room, author, text), None)
+        asker = asker or author
+        stamp = self._reserve(asker)
         try:
-            history = self.store.recent(room, limit=CONTEXT_MESSAGES)
-            message = self.store.start_reply(room, reply_to)
+            question = self.store.add_message(room, author, text)
+            return Posted(question, self._start(room, asker, question.id))
         except BaseException:
-            with self._lock:
-                self._starting -= 1
+            self._release(asker, stamp)
             raise
-        reply = LiveReply(message.id, room, asker)
-        reply.stats.commits = 1
-        thread = threading.Thread(
-            target=self._run,
-            args=(reply, build_context(history, self.system_prompt)),
-            name=f"reply-{message.id}",
-        )
-        with self._lock:
-            self._starting -= 1
-            self._active[message.id] = (reply, thread)
-        thread.start()
-        return reply
+
+    def ask(self, room: str, asker: str, reply_to: int | None = None) -> LiveReply:
+        """Start a reply to the room's latest messages (a retry), or raise ReplyRefused."""
+        stamp = self._reserve(asker)
+        try:
+            return self._start(check_room(room), asker, reply_to)
+        except BaseException:
+            self._release(asker, stamp)
+            raise
 
     def get(self, message_id: int) -> LiveReply | None:
         """The live (or recently finished) reply for a message, if this process has it."""
@@ -195,6 +206,13 @@ class ReplyWorker:
     def active(self) -> list[LiveReply]:
         with self._lock:
             return [reply for reply, _ in self._active.values()]
+
+    def latest(self, room: str) -> LiveReply | None:
+        """The newest reply in the room that this process has seen, live or finished."""
+        with self._lock:
+            replies = [reply for reply, _ in self._active.values()] + list(self._finished.values())
+        in_room = [reply for reply in replies if reply.room == room]
+        return max(in_room, key=lambda reply: reply.message_id, default=None)
 
     def shutdown(self, timeout: float = 10.0) -> bool:
         """Stop every reply and wait for each to be stored; True if all ended in time."""
@@ -210,7 +228,8 @@ class ReplyWorker:
 
     # Limits ------------------------------------------------------------------
 
-    def _reserve(self, asker: str) -> None:
+    def _reserve(self, asker: str) -> float:
+        """Take a reply slot and a rate-limit token, or raise ReplyRefused."""
         now = self._clock()
         with self._lock:
             if self._closed:
@@ -231,6 +250,31 @@ class ReplyWorker:
                 )
             asked.append(now)
             self._starting += 1
+            return now
+
+    def _release(self, asker: str, stamp: float) -> None:
+        """Give back what _reserve took, for a reply that did not start."""
+        with self._lock:
+            self._starting -= 1
+            with contextlib.suppress(ValueError):
+                self._asked[asker].remove(stamp)
+
+    def _start(self, room: str, asker: str, reply_to: int | None) -> LiveReply:
+        """Create the reply's row and thread, in the slot _reserve took."""
+        history = self.store.recent(room, limit=CONTEXT_MESSAGES)
+        message = self.store.start_reply(room, reply_to)
+        reply = LiveReply(message.id, room, asker)
+        reply.stats.commits = 1
+        thread = threading.Thread(
+            target=self._run,
+            args=(reply, build_context(history, self.system_prompt)),
+            name=f"reply-{message.id}",
+        )
+        with self._lock:
+            self._starting -= 1
+            self._active[message.id] = (reply, thread)
+        thread.start()
+        return reply
 
     # The reply thread ----------------------------------------------------------
 

@@ -6,7 +6,7 @@ import pytest
 from fake_openai import Reply
 from llm import DemoModel, OpenAIModel, make_client
 from settings import Settings
-from store import Store
+from store import InvalidInput, Store
 from worker import Busy, LiveReply, ReplyWorker, SlowDown
 
 SENTENCES = [
@@ -279,3 +279,55 @@ def test_demo_model_reply_through_the_worker(store, make_worker):
     stored = store.get(reply.message_id)
     assert stored.status == "complete" and "how does this work?" in stored.text
     assert reply.stats.chunks >= 4
+
+
+def test_post_stores_a_plain_message_without_a_reply(store, make_worker):
+    worker = make_worker(model=DemoModel(tokens_per_s=5000))
+    posted = worker.post("general", "Ada", "just chatting, no mention of the gpt")
+    assert posted.reply is None
+    assert [(m.author, m.text) for m in store.recent("general")] == [("Ada", "just chatting, no mention of the gpt")]
+
+
+@pytest.mark.parametrize("text", ["@gpt hi", "Hey @GPT, what's up?", "@Gpt"])
+def test_post_with_a_mention_stores_the_question_and_starts_the_reply(store, make_worker, text):
+    worker = make_worker(model=DemoModel(tokens_per_s=5000))
+    posted = worker.post("general", "Ada", text)
+    wait_done(posted.reply)
+    question, answer = store.recent("general")
+    assert (question.text, answer.reply_to, answer.status) == (text, question.id, "complete")
+
+
+def test_refused_posts_store_nothing(store, make_worker):
+    clock = FakeClock()
+    worker = make_worker(model=DemoModel(tokens_per_s=5000), replies_per_minute=1, clock=clock)
+    wait_done(worker.post("general", "Ada", "@gpt one").reply)
+    count = len(store.recent("general"))
+    with pytest.raises(SlowDown):
+        worker.post("general", "Ada", "@gpt two")
+    with pytest.raises(InvalidInput):
+        worker.post("general", "Bob", "@gpt " + "x" * 4000)
+    assert len(store.recent("general")) == count
+    wait_done(worker.post("general", "Bob", "@gpt three").reply)  # Bob's refusal cost him nothing
+
+
+def test_busy_post_stores_nothing(store, server, make_worker):
+    server.default = Reply(pieces=["word "] * 100, delay_s=0.02)
+    worker = make_worker(max_concurrent=1)
+    first = worker.post("general", "Ada", "@gpt long one").reply
+    count = len(store.recent("general"))
+    with pytest.raises(Busy):
+        worker.post("general", "Bob", "@gpt me too")
+    assert len(store.recent("general")) == count
+    first.cancel()
+    wait_done(first)
+
+
+def test_latest_reply_of_a_room(store, make_worker):
+    worker = make_worker(model=DemoModel(tokens_per_s=5000))
+    assert worker.latest("general") is None
+    first = worker.post("general", "Ada", "@gpt one").reply
+    wait_done(first)
+    other = worker.post("random", "Ada", "@gpt two").reply
+    wait_done(other)
+    assert worker.latest("general") is first
+    assert worker.latest("random") is other
