@@ -1,0 +1,205 @@
+"""The Streamlit script, run by AppTest against a real SQLite file."""
+
+import os
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from fake_openai import Reply
+from llm import demo_reply
+from markup import escape_markdown
+from store import Store
+
+APP = os.path.join(os.path.dirname(__file__), "..", "app.py")
+KEY = "sk-app-test-secret-42"
+
+
+@pytest.fixture
+def env(monkeypatch, db_path):
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CHAT_DB_PATH", str(db_path))
+    monkeypatch.setenv("CHAT_DEMO_TOKENS_PER_S", "5000")
+    return monkeypatch
+
+
+def open_app(room=None, name="Ada") -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=20)
+    if room:
+        at.query_params["room"] = room
+    if name:
+        at.query_params["name"] = name
+    return at.run()
+
+
+def messages(at):
+    """(caption, body) of each chat message on the page."""
+    return [
+        (m.caption[0].value if m.caption else "", m.markdown[0].value if m.markdown else "")
+        for m in at.chat_message
+    ]
+
+
+def everything_shown(at) -> str:
+    parts = []
+    for kind in ("markdown", "caption", "warning", "error", "code", "text_input", "subheader"):
+        for element in getattr(at, kind):
+            parts.append(str(getattr(element, "value", "")))
+    return "\n".join(parts)
+
+
+def test_first_visit_picks_a_name_and_writes_it_into_the_url(env):
+    at = open_app(name=None)
+    assert not at.exception
+    name = at.query_params["name"][0] if isinstance(at.query_params["name"], list) else at.query_params["name"]
+    assert name and " " in name
+    assert at.sidebar.text_input[0].value == name
+    assert "No messages yet" in everything_shown(at)
+    assert at.subheader[0].value == "#general"
+
+
+def test_sending_a_message_stores_and_shows_it(env, db_path):
+    at = open_app()
+    at.chat_input[0].set_value("Hello **everyone**").run()
+    assert not at.exception
+    assert messages(at) == [("**Ada** · you", "Hello **everyone**")]
+    [stored] = Store(db_path).recent("general")
+    assert (stored.author, stored.text, stored.role) == ("Ada", "Hello **everyone**", "user")
+
+
+def test_a_gpt_mention_gets_a_completed_reply(env, db_path):
+    at = open_app()
+    at.chat_input[0].set_value("@gpt what is this room?").run()
+    assert not at.exception
+    question, answer = Store(db_path).recent("general")
+    assert answer.status == "complete" and answer.reply_to == question.id
+    assert answer.text.startswith("Hi Ada! You asked me: “what is this room?”")
+    at.run()  # the finished reply is drawn from the store
+    assert messages(at)[-1] == ("**GPT**", answer.text)
+    assert "offline demo model" in everything_shown(at)
+    assert f"{answer.text.count(' ') + 1} tokens streamed" in everything_shown(at)
+
+
+@pytest.mark.parametrize(
+    "text, complaint",
+    [("   ", "empty"), ("x" * 4001, "limit is 4,000"), ("@gpt " + "y" * 4000, "limit is 4,000")],
+)
+def test_refused_input_shows_a_message_and_stores_nothing(env, db_path, text, complaint):
+    at = open_app()
+    at.chat_input[0].set_value(text).run()
+    assert not at.exception
+    assert any(complaint in w.value for w in at.warning)
+    assert Store(db_path).recent("general") == []
+
+
+def test_rate_limit_refusal_stores_nothing(env, db_path):
+    env.setenv("CHAT_REPLIES_PER_MINUTE", "1")
+    at = open_app()
+    at.chat_input[0].set_value("@gpt first").run()
+    at.chat_input[0].set_value("@gpt second").run()
+    assert not at.exception
+    assert any("1 times a minute" in w.value for w in at.warning)
+    assert [m.text for m in Store(db_path).recent("general") if m.role == "user"] == ["@gpt first"]
+
+
+def test_room_and_name_come_from_the_query_string(env, db_path):
+    Store(db_path).add_message("games", "Bob", "anyone for chess?")
+    at = open_app(room="games", name="Cy")
+    assert not at.exception
+    assert at.subheader[0].value == "#games"
+    assert messages(at) == [("**Bob**", "anyone for chess?")]
+    at.chat_input[0].set_value("me!").run()
+    assert [(m.author, m.room) for m in Store(db_path).recent("games")][-1] == ("Cy", "games")
+
+
+def test_bad_room_or_reserved_name_in_the_url_is_explained(env):
+    at = open_app(room="../etc", name="GPT")
+    assert not at.exception
+    shown = everything_shown(at)
+    assert "Room names use" in shown and "reserved" in shown
+    assert at.subheader[0].value == "#general"
+    assert at.sidebar.text_input[0].value != "GPT"
+
+
+def test_changing_name_in_the_sidebar_validates_it(env):
+    at = open_app()
+    at.sidebar.text_input[0].set_value("GPT").run()
+    assert any("reserved" in w.value for w in at.sidebar.warning)
+    at.sidebar.text_input[0].set_value("Grace").run()
+    at.chat_input[0].set_value("hi").run()
+    assert messages(at)[-1] == ("**Grace** · you", "hi")
+
+
+def test_others_messages_are_not_marked_as_yours(env, db_path):
+    Store(db_path).add_message("general", "Bob", "hello Ada")
+    at = open_app()
+    at.chat_input[0].set_value("hello Bob").run()
+    assert messages(at) == [("**Bob**", "hello Ada"), ("**Ada** · you", "hello Bob")]
+    assert [m.name for m in at.chat_message] == ["Bob", "user"]
+
+
+def test_a_reply_left_streaming_by_a_dead_process_shows_as_interrupted(env, db_path):
+    store = Store(db_path)
+    question = store.add_message("general", "Ada", "@gpt tell me")
+    reply = store.start_reply("general", reply_to=question.id)
+    store.append_chunk(reply.id, "Half of an answer.")
+    at = open_app()
+    assert not at.exception
+    assert Store(db_path).get(reply.id).status == "interrupted"
+    assert messages(at)[-1] == ("**GPT**", "Half of an answer.")
+    assert "Interrupted" in everything_shown(at)
+    assert at.button(key=f"retry-{reply.id}")  # the asker may retry
+
+
+def test_provider_error_shows_a_note_and_retry_works(env, db_path, server):
+    env.setenv("OPENAI_BASE_URL", server.base_url)
+    env.setenv("OPENAI_API_KEY", KEY)
+    server.enqueue(Reply(pieces=["Partial", " answer"], error_event={"message": "model overloaded"}))
+    at = open_app()
+    at.chat_input[0].set_value("@gpt are you there?").run()
+    at.run()
+    assert not at.exception
+    failed = Store(db_path).recent("general")[-1]
+    assert (failed.status, failed.text) == ("error", "Partial answer")
+    assert "model overloaded" in everything_shown(at)
+    assert "Traceback" not in everything_shown(at)
+    server.enqueue(Reply(pieces=["All", " good", " now."]))
+    at.button(key=f"retry-{failed.id}").click().run()
+    at.run()
+    retried = Store(db_path).recent("general")[-1]
+    assert (retried.status, retried.text, retried.reply_to) == ("complete", "All good now.", failed.reply_to)
+    assert KEY not in everything_shown(at)
+
+
+def test_model_name_is_shown_and_the_key_is_not(env, server):
+    env.setenv("OPENAI_BASE_URL", server.base_url)
+    env.setenv("OPENAI_API_KEY", KEY)
+    env.setenv("OPENAI_MODEL", "llama3.2")
+    at = open_app()
+    shown = everything_shown(at)
+    assert escape_markdown("llama3.2") in shown and "offline demo model" not in shown
+    assert KEY not in shown
+
+
+def test_bad_configuration_is_explained_without_a_traceback(env):
+    env.setenv("CHAT_MAX_CONCURRENT", "lots")
+    at = open_app()
+    assert not at.exception
+    assert "CHAT_MAX_CONCURRENT" in at.error[0].value
+
+
+def test_unusable_database_path_is_explained(env, tmp_path):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    env.setenv("CHAT_DB_PATH", str(not_a_folder / "chat.db"))
+    at = open_app()
+    assert not at.exception
+    assert "cannot be opened" in at.error[0].value and "CHAT_DB_PATH" in at.error[0].value
+
+
+def test_demo_reply_matches_what_the_page_shows(env, db_path):
+    at = open_app(name="Zed")
+    at.chat_input[0].set_value("@gpt ping").run()
+    at.run()
+    expected = demo_reply([{"role": "user", "content": "Zed: @gpt ping"}])
+    assert messages(at)[-1][1] == expected
