@@ -42,6 +42,8 @@ STATUS_NOTES = {
     "stopped": "⏹ Stopped before the end.",
     "interrupted": "⚠️ Interrupted: the server restarted while this reply was being written.",
 }
+# The refresh trigger is an invisible iframe; keep it from adding a gap to the page.
+HIDE_REFRESH_TRIGGER = "<style>.st-key-refresh-trigger { position: absolute; width: 0; height: 0; overflow: hidden; }</style>"
 ADJECTIVES = "Brave Calm Clever Curious Eager Gentle Happy Jolly Kind Lively Lucky Merry Quick Sunny Swift Witty".split()
 ANIMALS = "Badger Crane Dolphin Falcon Fox Heron Koala Lynx Marten Otter Owl Panda Puffin Robin Seal Wren".split()
 
@@ -183,6 +185,8 @@ def render_stats(reply: LiveReply | None) -> None:
         st.caption("No reply in this room since the server started.")
         return
     stats: ReplyStats = reply.stats
+    if not reply.done:
+        st.caption("Still being written: figures so far.")
     st.markdown(
         f"{stats.tokens:,} tokens streamed · {stats.chunks:,} chunks persisted · "
         f"{stats.bytes_written:,} bytes written to SQLite in {stats.commits:,} commits\n\n"
@@ -229,7 +233,8 @@ def render_message(message: Message, name: str, questions: dict[int, Message], w
 @st.fragment
 def live_area(room: str, name: str, seen_version: int, busy: bool) -> None:
     """The asker's streaming reply and the refresh trigger for everyone else."""
-    st_autorefresh(interval=FAST_REFRESH_MS if busy else SLOW_REFRESH_MS, key="refresh")
+    with st.container(key="refresh-trigger"):
+        st_autorefresh(interval=FAST_REFRESH_MS if busy else SLOW_REFRESH_MS, key="refresh")
     _, store, worker = backend()
     reply = my_live_reply(worker, room, name)
     if reply is not None:
@@ -259,12 +264,12 @@ def main() -> None:
     st.set_page_config(page_title="Chat with @gpt", page_icon="💬")
     settings, store, worker = backend()
     room, name = identify()
-    render_sidebar(settings, worker, room, name)
-    st.subheader(f"#{room}")
-
     text = st.chat_input(f"Message #{room}; mention @gpt to ask the assistant")
     if text is not None:
         send(worker, room, name, text)
+    render_sidebar(settings, worker, room, name)
+    st.html(HIDE_REFRESH_TRIGGER)
+    st.subheader(f"#{room}")
 
     version = store.version(room)  # read before the history, so no change slips by
     history = store.recent(room, HISTORY)

@@ -1,0 +1,254 @@
+"""The app in a real browser: Chromium driven by Playwright, against `streamlit run`.
+
+Replies come from the local OpenAI-compatible test server through the real
+openai client; the database is a real SQLite file.
+"""
+
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from fake_openai import FakeOpenAI, Reply
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+KEY = "sk-browser-test-secret-7f3a9c"
+CHROMIUM_ARGS = [
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    # Several pages are watched at once; keep background ones running as a visible one would.
+    "--disable-background-timer-throttling", "--disable-renderer-backgrounding",
+    "--disable-backgrounding-occluded-windows",
+]
+# The text of every chat message: who it is from, its caption line and its body.
+READ_MESSAGES = """() => Array.from(document.querySelectorAll('[data-testid=stChatMessage]')).map(m => ({
+    from: m.querySelector('[data-testid=stChatMessageContent]').getAttribute('aria-label'),
+    caption: Array.from(m.querySelectorAll('[data-testid=stCaptionContainer]')).map(c => c.innerText).join('\\n'),
+    body: Array.from(m.querySelectorAll('[data-testid=stMarkdownContainer]'))
+        .filter(e => !e.closest('[data-testid=stCaptionContainer]') && !e.closest('button'))
+        .map(e => e.innerText).join('\\n'),
+}))"""
+
+if not os.path.exists(CHROMIUM):
+    if os.environ.get("CI"):
+        raise RuntimeError(f"CI needs Chromium at {CHROMIUM} for the browser tests")
+    pytest.skip("Chromium is not installed (apt-get install chromium)", allow_module_level=True)
+
+from playwright.sync_api import sync_playwright  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def fake():
+    with FakeOpenAI() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def app(fake, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("app")
+    port = free_port()
+    env = {
+        **os.environ,
+        "OPENAI_BASE_URL": fake.base_url,
+        "OPENAI_API_KEY": KEY,
+        "OPENAI_MODEL": "test-model",
+        "CHAT_DB_PATH": str(folder / "chat.db"),
+        "CHAT_IDLE_TIMEOUT_S": "5",
+    }
+    log = open(folder / "streamlit.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"),
+         "--server.address", "127.0.0.1", "--server.port", str(port)],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/_stcore/health", timeout=1)
+            break
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise RuntimeError((folder / "streamlit.log").read_text())
+            time.sleep(0.2)
+    yield {"url": url, "db": folder / "chat.db", "log": folder / "streamlit.log"}
+    process.terminate()
+    process.wait(15)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def open_page(browser, app):
+    contexts = []
+
+    def open_page(room: str, name: str):
+        context = browser.new_context(viewport={"width": 1100, "height": 760})
+        contexts.append(context)
+        page = context.new_page()
+        page.goto(f"{app['url']}/?room={room}&name={name}")
+        page.wait_for_selector("[data-testid=stChatInput] textarea", timeout=20_000)
+        return page
+
+    yield open_page
+    for context in contexts:
+        context.close()
+
+
+def send(page, text: str) -> None:
+    page.fill("[data-testid=stChatInput] textarea", text)
+    page.keyboard.press("Enter")
+
+
+def assistant_body(page) -> str | None:
+    """The newest assistant message's text as shown, without the cursor."""
+    replies = [m for m in page.evaluate(READ_MESSAGES) if m["from"].endswith("assistant")]
+    return replies[-1]["body"].rstrip("▌") if replies else None
+
+
+def wait_until(condition, timeout: float = 20.0, step: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError("timed out waiting")
+
+
+def stored_reply(db: Path, room: str) -> dict:
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    row = conn.execute(
+        "SELECT * FROM messages WHERE room = ? AND role = 'assistant' ORDER BY id DESC LIMIT 1", [room]
+    ).fetchone()
+    chunks = [r[0] for r in conn.execute("SELECT text FROM chunks WHERE message_id = ? ORDER BY seq", [row["id"]])]
+    conn.close()
+    return {**dict(row), "chunks": chunks, "text": "".join(chunks)}
+
+
+def as_pieces(sentences: list[str]) -> list[str]:
+    words = " ".join(sentences).split(" ")
+    return [words[0]] + [" " + word for word in words[1:]]
+
+
+def side_by_side(left: Path, right: Path, out: Path) -> None:
+    from PIL import Image
+
+    images = [Image.open(left), Image.open(right)]
+    canvas = Image.new("RGB", (sum(i.width for i in images) + 16, max(i.height for i in images)), "#d0d7de")
+    canvas.paste(images[0], (0, 0))
+    canvas.paste(images[1], (images[0].width + 16, 0))
+    canvas.save(out)
+
+
+def test_asker_sees_tokens_and_the_other_session_sees_sentences(open_page, app, fake, tmp_path):
+    room = "duo"
+    sentences = [f"Sentence {n} of this reply has exactly ten short words." for n in range(1, 13)]
+    fake.enqueue(Reply(pieces=as_pieces(sentences), delay_s=0.07))  # about 8 s in all
+    asker, viewer = open_page(room, "Ada"), open_page(room, "Bob")
+    viewer.click("[data-testid=stChatInput] textarea")
+    viewer.keyboard.type("a draft I am still typing")
+
+    send(asker, "@gpt please write twelve sentences")
+    asker_states, viewer_states = [], []
+    shots = Path(os.environ.get("CHAT_SCREENSHOT_DIR", tmp_path))
+    shot_taken = False
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for page, states in ((asker, asker_states), (viewer, viewer_states)):
+            body = assistant_body(page)
+            if body is not None and (not states or states[-1] != body):
+                states.append(body)
+        if not shot_taken and len(viewer_states) >= 2 and len(asker_states) > 40:
+            asker.screenshot(path=shots / "asker.png")
+            viewer.screenshot(path=shots / "viewer.png")
+            side_by_side(shots / "asker.png", shots / "viewer.png", shots / "two-sessions.png")
+            shot_taken = True
+        if fake.sent and fake.sent[-1].done.is_set() and asker_states[-1:] == viewer_states[-1:] != []:
+            if asker_states[-1] == fake.sent[-1].text:
+                break
+        time.sleep(0.03)
+
+    sent = fake.sent[-1].text
+    stored = stored_reply(app["db"], room)
+    assert stored["status"] == "complete" and stored["text"] == sent
+    # The asker saw the reply grow token by token, never shrinking, and end exactly as sent.
+    assert len(asker_states) >= 30, asker_states
+    assert all(b.startswith(a) for a, b in zip(asker_states, asker_states[1:]))
+    assert asker_states[-1] == sent
+    # The other session saw only what was stored: whole chunks, sentence by sentence.
+    steps = {"".join(stored["chunks"][:k]) for k in range(1, len(stored["chunks"]) + 1)}
+    assert len(stored["chunks"]) <= len(sentences) + 1
+    assert set(viewer_states) <= steps, viewer_states
+    assert len(viewer_states) >= 3  # it grew in steps, then completed
+    assert viewer_states[-1] == sent
+    # Typing in the other session survived all those refreshes.
+    textarea = "[data-testid=stChatInput] textarea"
+    assert viewer.input_value(textarea) == "a draft I am still typing"
+    assert viewer.evaluate("() => document.activeElement.tagName") == "TEXTAREA"
+    assert shot_taken
+
+
+def test_stop_keeps_the_partial_text_for_everyone(open_page, app, fake):
+    room = "stopping"
+    fake.enqueue(Reply(pieces=as_pieces(["word"] * 300), delay_s=0.03))
+    asker, viewer = open_page(room, "Ada"), open_page(room, "Bob")
+    send(asker, "@gpt talk for a long time")
+    wait_until(lambda: len(assistant_body(asker) or "") > 60)
+    asker.get_by_role("button", name="Stop").click()
+    wait_until(lambda: stored_reply(app["db"], room)["status"] == "stopped")
+    stored = stored_reply(app["db"], room)
+    assert 60 < len(stored["text"]) < len(" word" * 300)
+    for page in (asker, viewer):
+        wait_until(lambda: any("Stopped" in m["caption"] for m in page.evaluate(READ_MESSAGES)))
+        assert assistant_body(page) == stored["text"]
+    assert fake.sent[-1].done.wait(5) and fake.sent[-1].aborted  # the model stream was closed
+
+
+def test_provider_error_shows_a_short_note_and_no_traceback(open_page, app, fake):
+    room = "failing"
+    body = {"error": {"message": f"backend exploded near {KEY}"}}
+    fake.enqueue(*[Reply(status=500, error_body=body, headers={"retry-after-ms": "1"})] * 3)
+    asker = open_page(room, "Ada")
+    viewer = open_page(room, "Bob")
+    send(asker, "@gpt will this work?")
+    for page in (asker, viewer):
+        note = wait_until(
+            lambda: next((m["caption"] for m in page.evaluate(READ_MESSAGES) if "answered 500" in m["caption"]), None),
+        )
+        assert "backend exploded" in note
+        html = page.content()
+        assert "Traceback" not in html and KEY not in html
+    assert asker.get_by_role("button", name="Retry").is_visible()
+    assert stored_reply(app["db"], room)["status"] == "error"
+
+
+def test_the_key_is_not_in_the_logs_or_the_database(app):
+    assert KEY not in app["log"].read_text(errors="replace")
+    for suffix in ("", "-wal"):
+        path = Path(str(app["db"]) + suffix)
+        if path.exists():
+            assert KEY.encode() not in path.read_bytes()
