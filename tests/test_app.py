@@ -203,3 +203,30 @@ def test_demo_reply_matches_what_the_page_shows(env, db_path):
     at.run()
     expected = demo_reply([{"role": "user", "content": "Zed: @gpt ping"}])
     assert messages(at)[-1][1] == expected
+
+
+def test_history_shows_the_last_100_messages_newest_at_the_bottom(env, db_path):
+    store = Store(db_path)
+    for i in range(120):
+        store.add_message("general", "Bob", f"message {i}")
+    at = open_app()
+    shown = [body for _, body in messages(at)]
+    assert shown == [f"message {i}" for i in range(20, 120)]
+
+
+def test_recovery_runs_once_per_process_not_on_every_rerun(env, db_path):
+    at = open_app()
+    live = Store(db_path).start_reply("general")  # as if a worker thread were writing it now
+    at.run()
+    at.chat_input[0].set_value("hello").run()
+    assert Store(db_path).get(live.id).status == "streaming"
+    assert "writing…" in messages(at)[0][0]
+
+
+def test_images_in_messages_cannot_load(env, db_path):
+    at = open_app()
+    at.chat_input[0].set_value("look ![pixel](https://tracker.example/p.png) and <b>bold</b>").run()
+    body = messages(at)[0][1]
+    assert "![" not in body  # the image syntax is broken by an invisible word joiner
+    assert body.replace("\u2060", "") == "look ![pixel](https://tracker.example/p.png) and <b>bold</b>"
+    assert [m.text for m in Store(db_path).recent("general")] == [body.replace("\u2060", "")]  # stored as typed

@@ -139,11 +139,15 @@ def wait_until(condition, timeout: float = 20.0, step: float = 0.05):
 
 
 def stored_reply(db: Path, room: str) -> dict:
+    """The room's newest assistant message as stored (an empty dict if none yet)."""
     conn = sqlite3.connect(db)
     conn.row_factory = sqlite3.Row
     row = conn.execute(
         "SELECT * FROM messages WHERE room = ? AND role = 'assistant' ORDER BY id DESC LIMIT 1", [room]
     ).fetchone()
+    if row is None:
+        conn.close()
+        return {"status": None, "text": None, "chunks": []}
     chunks = [r[0] for r in conn.execute("SELECT text FROM chunks WHERE message_id = ? ORDER BY seq", [row["id"]])]
     conn.close()
     return {**dict(row), "chunks": chunks, "text": "".join(chunks)}
@@ -252,3 +256,68 @@ def test_the_key_is_not_in_the_logs_or_the_database(app):
         path = Path(str(app["db"]) + suffix)
         if path.exists():
             assert KEY.encode() not in path.read_bytes()
+
+
+def test_the_asker_re_attaches_after_a_rerun_and_after_a_reload(open_page, app, fake):
+    room = "reattach"
+    sentences = [f"Part {n} of a reply that keeps going for a while." for n in range(1, 13)]
+    fake.enqueue(Reply(pieces=as_pieces(sentences), delay_s=0.05))
+    asker = open_page(room, "Ada")
+    send(asker, "@gpt keep talking")
+    wait_until(lambda: len(assistant_body(asker) or "") > 40)
+    send(asker, "a plain message in the middle")  # reruns the page mid-stream
+    before = assistant_body(asker)
+    wait_until(lambda: len(assistant_body(asker) or "") > len(before or "") + 20)
+    assert asker.get_by_role("button", name="Stop").is_visible()  # still the asker's live view
+    asker.reload()  # a new session for the same person
+    asker.wait_for_selector("[data-testid=stChatInput] textarea")
+    asker.get_by_role("button", name="Stop").wait_for(timeout=5_000)  # re-attached
+    assert stored_reply(app["db"], room)["status"] == "streaming"
+    seen = len(assistant_body(asker) or "")
+    wait_until(lambda: len(assistant_body(asker) or "") > seen)  # and still growing
+    wait_until(lambda: stored_reply(app["db"], room)["status"] == "complete")
+    wait_until(lambda: assistant_body(asker) == fake.sent[-1].text)
+    assert stored_reply(app["db"], room)["text"] == fake.sent[-1].text
+
+
+def test_history_opens_scrolled_to_the_newest_message(open_page, app):
+    from store import Store
+
+    store = Store(app["db"])
+    for i in range(100):
+        store.add_message("long", "Bob", f"message number {i}")
+    page = open_page("long", "Ada")
+    page.wait_for_selector("text=message number 99")
+    at_bottom = """() => { const main = document.querySelector('[data-testid=stAppScrollToBottomContainer]')
+        || document.scrollingElement; return main.scrollHeight - main.scrollTop - main.clientHeight; }"""
+    assert wait_until(lambda: page.evaluate(at_bottom) < 5 or None, timeout=5) is not None
+    assert page.locator("[data-testid=stChatMessage]").count() == 100
+
+
+PAYLOADS = [
+    "<script>window.__pwned = 1</script>",
+    '<img src="http://127.0.0.2:9/x.png" onerror="window.__pwned = 1">',
+    "[click me](javascript:window.__pwned=1)",
+    "![pixel](http://127.0.0.2:9/pixel.png)",
+    '<a href="javascript:window.__pwned=1">link</a>',
+]
+
+
+def test_markup_in_messages_and_replies_runs_nothing_and_loads_nothing(open_page, app, fake):
+    room = "hostile"
+    fake.enqueue(Reply(pieces=[" ".join(PAYLOADS)]))
+    page = open_page(room, "Mallory")
+    requests = []
+    page.on("request", lambda request: requests.append(request.url))
+    for payload in PAYLOADS:
+        send(page, payload)
+        page.wait_for_timeout(300)
+    send(page, "@gpt repeat after me")
+    wait_until(lambda: stored_reply(app["db"], room)["status"] == "complete")
+    wait_until(lambda: (assistant_body(page) or "").replace("\u2060", "") == " ".join(PAYLOADS))
+    assert page.evaluate("() => window.__pwned") is None
+    messages = page.locator("[data-testid=stChatMessage]")
+    assert messages.locator("img, script, iframe").count() == 0
+    hrefs = messages.locator("a").evaluate_all("links => links.map(a => a.getAttribute('href'))")
+    assert not any(href and href.lower().startswith("javascript") for href in hrefs), hrefs
+    assert not [url for url in requests if not url.startswith(app["url"])], requests
