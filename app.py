@@ -61,13 +61,15 @@ def open_store(path: str) -> Store:
 
 @st.cache_resource(show_spinner=False)
 def start_worker(settings: Settings) -> ReplyWorker:
-    return ReplyWorker(
+    worker = ReplyWorker(
         open_store(str(settings.db_path)),
         model_from_settings(settings),
         system_prompt=settings.system_prompt,
         max_concurrent=settings.max_concurrent,
         replies_per_minute=settings.replies_per_minute,
     )
+    worker.shutdown_with_process()  # on SIGTERM, replies end "interrupted" within seconds
+    return worker
 
 
 def backend() -> tuple[Settings, Store, ReplyWorker]:

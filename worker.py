@@ -28,17 +28,18 @@ from typing import NamedTuple
 
 from chunker import SentenceChunker
 from llm import CONTEXT_MESSAGES, MENTION, Model, ModelError, build_context
-from store import Message, Store, check_name, check_room, check_text
+from store import INTERRUPTED_NOTE, Message, Store, check_name, check_room, check_text
 
 log = logging.getLogger(__name__)
 
 KEEP_FINISHED = 200  # finished replies kept in memory for late followers and stats
 WRITE_ATTEMPTS = 3  # each attempt already waits up to the store's busy timeout
+_CANCEL_NOTES = {"interrupted": INTERRUPTED_NOTE}
 SAVE_FAILED_NOTE = "This reply could not be saved completely."
 UNEXPECTED_NOTE = "Something went wrong while writing this reply."
 
 _END = object()  # the model finished
-_CANCEL = object()  # someone pressed stop
+_CANCEL = object()  # someone pressed stop, or the server is shutting down
 
 
 class Posted(NamedTuple):
@@ -88,6 +89,7 @@ class LiveReply:
         self._length = 0
         self._changed = threading.Condition()
         self._cancelled = threading.Event()
+        self._cancel_status = "stopped"
         self._wake: queue.SimpleQueue = queue.SimpleQueue()
 
     @property
@@ -122,9 +124,11 @@ class LiveReply:
             if done:
                 return
 
-    def cancel(self) -> None:
-        """Stop generating; the text so far is kept and the reply ends ``stopped``."""
-        self._cancelled.set()
+    def cancel(self, status: str = "stopped") -> None:
+        """Stop generating; the text so far is kept and the reply ends with ``status``."""
+        if not self._cancelled.is_set():
+            self._cancel_status = status
+            self._cancelled.set()
         self._wake.put(_CANCEL)
 
     def _add(self, piece: str) -> None:
@@ -215,16 +219,30 @@ class ReplyWorker:
         return max(in_room, key=lambda reply: reply.message_id, default=None)
 
     def shutdown(self, timeout: float = 10.0) -> bool:
-        """Stop every reply and wait for each to be stored; True if all ended in time."""
+        """End every reply as interrupted and wait for each to be stored; True if all ended in time."""
         with self._lock:
             self._closed = True
             running = list(self._active.values())
         for reply, _ in running:
-            reply.cancel()
+            reply.cancel("interrupted")
         deadline = time.monotonic() + timeout
         for _, thread in running:
             thread.join(max(0.0, deadline - time.monotonic()))
         return not any(thread.is_alive() for _, thread in running)
+
+    def shutdown_with_process(self, timeout: float = 5.0) -> None:
+        """Call shutdown() when the main thread ends (Streamlit's on SIGTERM or Ctrl-C).
+
+        Python waits for non-daemon threads, such as the reply threads, before it
+        exits; without this a long reply would hold the process up, and with
+        daemon threads it would be cut off unrecorded.
+        """
+
+        def watch() -> None:
+            threading.main_thread().join()
+            self.shutdown(timeout)
+
+        threading.Thread(target=watch, name="reply-worker-exit", daemon=True).start()
 
     # Limits ------------------------------------------------------------------
 
@@ -293,7 +311,7 @@ class ReplyWorker:
             while True:
                 item = reply._wake.get()
                 if item is _CANCEL or reply.cancelled:
-                    status = "stopped"
+                    status, note = reply._cancel_status, _CANCEL_NOTES.get(reply._cancel_status)
                     break
                 if item is _END:
                     break

@@ -58,6 +58,8 @@ class FakeOpenAI:
         self.requests: list[dict] = []  # {"headers": ..., "body": ...} per request
         self.sent: list[Sent] = []
         self.stopping = threading.Event()
+        self.in_flight = 0  # requests being answered now
+        self.max_in_flight = 0  # the most at any one time
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer((host, port), _handler_for(self))
         self._server.daemon_threads = True
@@ -116,6 +118,9 @@ def _handler_for(server: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             length = int(self.headers.get("Content-Length") or 0)
             body = json.loads(self.rfile.read(length) or b"{}")
             reply, sent = server.next_reply(body, {k.lower(): v for k, v in self.headers.items()})
+            with server._lock:
+                server.in_flight += 1
+                server.max_in_flight = max(server.max_in_flight, server.in_flight)
             try:
                 if reply.status != 200:
                     self._send_error(reply)
@@ -124,6 +129,8 @@ def _handler_for(server: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             except (BrokenPipeError, ConnectionResetError):
                 sent.aborted = True
             finally:
+                with server._lock:
+                    server.in_flight -= 1
                 sent.done.set()
 
         def _send_error(self, reply: Reply) -> None:

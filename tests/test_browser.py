@@ -5,50 +5,27 @@ openai client; the database is a real SQLite file.
 """
 
 import os
-import shutil
-import socket
-import sqlite3
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from fake_openai import FakeOpenAI, Reply
+from live import (
+    CHAT_INPUT,
+    KEY,
+    READ_MESSAGES,
+    StreamlitApp,
+    as_pieces,
+    assistant_body,
+    open_room,
+    require_chromium,
+    send,
+    stored_reply,
+    wait_until,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-KEY = "sk-browser-test-secret-7f3a9c"
-CHROMIUM_ARGS = [
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    # Several pages are watched at once; keep background ones running as a visible one would.
-    "--disable-background-timer-throttling", "--disable-renderer-backgrounding",
-    "--disable-backgrounding-occluded-windows",
-]
-# The text of every chat message: who it is from, its caption line and its body.
-READ_MESSAGES = """() => Array.from(document.querySelectorAll('[data-testid=stChatMessage]')).map(m => ({
-    from: m.querySelector('[data-testid=stChatMessageContent]').getAttribute('aria-label'),
-    caption: Array.from(m.querySelectorAll('[data-testid=stCaptionContainer]')).map(c => c.innerText).join('\\n'),
-    body: Array.from(m.querySelectorAll('[data-testid=stMarkdownContainer]'))
-        .filter(e => !e.closest('[data-testid=stCaptionContainer]') && !e.closest('button'))
-        .map(e => e.innerText).join('\\n'),
-}))"""
-
-if not os.path.exists(CHROMIUM):
-    if os.environ.get("CI"):
-        raise RuntimeError(f"CI needs Chromium at {CHROMIUM} for the browser tests")
-    pytest.skip("Chromium is not installed (apt-get install chromium)", allow_module_level=True)
-
-from playwright.sync_api import sync_playwright  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+require_chromium()
 
 
 @pytest.fixture(scope="module")
@@ -59,45 +36,13 @@ def fake():
 
 @pytest.fixture(scope="module")
 def app(fake, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("app")
-    port = free_port()
-    env = {
-        **os.environ,
-        "OPENAI_BASE_URL": fake.base_url,
-        "OPENAI_API_KEY": KEY,
-        "OPENAI_MODEL": "test-model",
-        "CHAT_DB_PATH": str(folder / "chat.db"),
-        "CHAT_IDLE_TIMEOUT_S": "5",
-    }
-    log = open(folder / "streamlit.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"),
-         "--server.address", "127.0.0.1", "--server.port", str(port)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/_stcore/health", timeout=1)
-            break
-        except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                raise RuntimeError((folder / "streamlit.log").read_text())
-            time.sleep(0.2)
-    yield {"url": url, "db": folder / "chat.db", "log": folder / "streamlit.log"}
-    process.terminate()
-    process.wait(15)
-    log.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
+    app = StreamlitApp(
+        tmp_path_factory.mktemp("app"),
+        {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": KEY, "OPENAI_MODEL": "test-model",
+         "CHAT_IDLE_TIMEOUT_S": "5"},
+    ).start()
+    yield app
+    app.stop()
 
 
 @pytest.fixture
@@ -105,57 +50,13 @@ def open_page(browser, app):
     contexts = []
 
     def open_page(room: str, name: str):
-        context = browser.new_context(viewport={"width": 1100, "height": 760})
-        contexts.append(context)
-        page = context.new_page()
-        page.goto(f"{app['url']}/?room={room}&name={name}")
-        page.wait_for_selector("[data-testid=stChatInput] textarea", timeout=20_000)
+        page = open_room(browser, app, room, name)
+        contexts.append(page.context)
         return page
 
     yield open_page
     for context in contexts:
         context.close()
-
-
-def send(page, text: str) -> None:
-    page.fill("[data-testid=stChatInput] textarea", text)
-    page.keyboard.press("Enter")
-
-
-def assistant_body(page) -> str | None:
-    """The newest assistant message's text as shown, without the cursor."""
-    replies = [m for m in page.evaluate(READ_MESSAGES) if m["from"].endswith("assistant")]
-    return replies[-1]["body"].rstrip("▌") if replies else None
-
-
-def wait_until(condition, timeout: float = 20.0, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError("timed out waiting")
-
-
-def stored_reply(db: Path, room: str) -> dict:
-    """The room's newest assistant message as stored (an empty dict if none yet)."""
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    row = conn.execute(
-        "SELECT * FROM messages WHERE room = ? AND role = 'assistant' ORDER BY id DESC LIMIT 1", [room]
-    ).fetchone()
-    if row is None:
-        conn.close()
-        return {"status": None, "text": None, "chunks": []}
-    chunks = [r[0] for r in conn.execute("SELECT text FROM chunks WHERE message_id = ? ORDER BY seq", [row["id"]])]
-    conn.close()
-    return {**dict(row), "chunks": chunks, "text": "".join(chunks)}
-
-
-def as_pieces(sentences: list[str]) -> list[str]:
-    words = " ".join(sentences).split(" ")
-    return [words[0]] + [" " + word for word in words[1:]]
 
 
 def side_by_side(left: Path, right: Path, out: Path) -> None:
@@ -173,7 +74,7 @@ def test_asker_sees_tokens_and_the_other_session_sees_sentences(open_page, app, 
     sentences = [f"Sentence {n} of this reply has exactly ten short words." for n in range(1, 13)]
     fake.enqueue(Reply(pieces=as_pieces(sentences), delay_s=0.07))  # about 8 s in all
     asker, viewer = open_page(room, "Ada"), open_page(room, "Bob")
-    viewer.click("[data-testid=stChatInput] textarea")
+    viewer.click(CHAT_INPUT)
     viewer.keyboard.type("a draft I am still typing")
 
     send(asker, "@gpt please write twelve sentences")
@@ -197,7 +98,7 @@ def test_asker_sees_tokens_and_the_other_session_sees_sentences(open_page, app, 
         time.sleep(0.03)
 
     sent = fake.sent[-1].text
-    stored = stored_reply(app["db"], room)
+    stored = stored_reply(app.db, room)
     assert stored["status"] == "complete" and stored["text"] == sent
     # The asker saw the reply grow token by token, never shrinking, and end exactly as sent.
     assert len(asker_states) >= 30, asker_states
@@ -210,8 +111,7 @@ def test_asker_sees_tokens_and_the_other_session_sees_sentences(open_page, app, 
     assert len(viewer_states) >= 3  # it grew in steps, then completed
     assert viewer_states[-1] == sent
     # Typing in the other session survived all those refreshes.
-    textarea = "[data-testid=stChatInput] textarea"
-    assert viewer.input_value(textarea) == "a draft I am still typing"
+    assert viewer.input_value(CHAT_INPUT) == "a draft I am still typing"
     assert viewer.evaluate("() => document.activeElement.tagName") == "TEXTAREA"
     assert shot_taken
 
@@ -223,8 +123,8 @@ def test_stop_keeps_the_partial_text_for_everyone(open_page, app, fake):
     send(asker, "@gpt talk for a long time")
     wait_until(lambda: len(assistant_body(asker) or "") > 60)
     asker.get_by_role("button", name="Stop").click()
-    wait_until(lambda: stored_reply(app["db"], room)["status"] == "stopped")
-    stored = stored_reply(app["db"], room)
+    wait_until(lambda: stored_reply(app.db, room)["status"] == "stopped")
+    stored = stored_reply(app.db, room)
     assert 60 < len(stored["text"]) < len(" word" * 300)
     for page in (asker, viewer):
         wait_until(lambda: any("Stopped" in m["caption"] for m in page.evaluate(READ_MESSAGES)))
@@ -247,15 +147,7 @@ def test_provider_error_shows_a_short_note_and_no_traceback(open_page, app, fake
         html = page.content()
         assert "Traceback" not in html and KEY not in html
     assert asker.get_by_role("button", name="Retry").is_visible()
-    assert stored_reply(app["db"], room)["status"] == "error"
-
-
-def test_the_key_is_not_in_the_logs_or_the_database(app):
-    assert KEY not in app["log"].read_text(errors="replace")
-    for suffix in ("", "-wal"):
-        path = Path(str(app["db"]) + suffix)
-        if path.exists():
-            assert KEY.encode() not in path.read_bytes()
+    assert stored_reply(app.db, room)["status"] == "error"
 
 
 def test_the_asker_re_attaches_after_a_rerun_and_after_a_reload(open_page, app, fake):
@@ -270,20 +162,20 @@ def test_the_asker_re_attaches_after_a_rerun_and_after_a_reload(open_page, app, 
     wait_until(lambda: len(assistant_body(asker) or "") > len(before or "") + 20)
     assert asker.get_by_role("button", name="Stop").is_visible()  # still the asker's live view
     asker.reload()  # a new session for the same person
-    asker.wait_for_selector("[data-testid=stChatInput] textarea")
+    asker.wait_for_selector(CHAT_INPUT)
     asker.get_by_role("button", name="Stop").wait_for(timeout=5_000)  # re-attached
-    assert stored_reply(app["db"], room)["status"] == "streaming"
+    assert stored_reply(app.db, room)["status"] == "streaming"
     seen = len(assistant_body(asker) or "")
     wait_until(lambda: len(assistant_body(asker) or "") > seen)  # and still growing
-    wait_until(lambda: stored_reply(app["db"], room)["status"] == "complete")
+    wait_until(lambda: stored_reply(app.db, room)["status"] == "complete")
     wait_until(lambda: assistant_body(asker) == fake.sent[-1].text)
-    assert stored_reply(app["db"], room)["text"] == fake.sent[-1].text
+    assert stored_reply(app.db, room)["text"] == fake.sent[-1].text
 
 
 def test_history_opens_scrolled_to_the_newest_message(open_page, app):
     from store import Store
 
-    store = Store(app["db"])
+    store = Store(app.db)
     for i in range(100):
         store.add_message("long", "Bob", f"message number {i}")
     page = open_page("long", "Ada")
@@ -313,11 +205,20 @@ def test_markup_in_messages_and_replies_runs_nothing_and_loads_nothing(open_page
         send(page, payload)
         page.wait_for_timeout(300)
     send(page, "@gpt repeat after me")
-    wait_until(lambda: stored_reply(app["db"], room)["status"] == "complete")
+    wait_until(lambda: stored_reply(app.db, room)["status"] == "complete")
     wait_until(lambda: (assistant_body(page) or "").replace("\u2060", "") == " ".join(PAYLOADS))
     assert page.evaluate("() => window.__pwned") is None
     messages = page.locator("[data-testid=stChatMessage]")
     assert messages.locator("img, script, iframe").count() == 0
     hrefs = messages.locator("a").evaluate_all("links => links.map(a => a.getAttribute('href'))")
     assert not any(href and href.lower().startswith("javascript") for href in hrefs), hrefs
-    assert not [url for url in requests if not url.startswith(app["url"])], requests
+    assert not [url for url in requests if not url.startswith(app.url)], requests
+
+
+# Last, after everything above has run against this app.
+def test_the_key_is_not_in_the_logs_or_the_database(app):
+    assert KEY not in app.log_text()
+    for suffix in ("", "-wal"):
+        path = Path(str(app.db) + suffix)
+        if path.exists():
+            assert KEY.encode() not in path.read_bytes()

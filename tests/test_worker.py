@@ -267,7 +267,8 @@ def test_shutdown_ends_every_reply_in_a_final_state(store, server, make_worker):
     for reply in replies:
         wait_for_text(reply, 5)
     assert worker.shutdown(timeout=5)
-    assert {store.get(r.message_id).status for r in replies} == {"stopped"}
+    assert {store.get(r.message_id).status for r in replies} == {"interrupted"}
+    assert all(store.get(r.message_id).text == r.text() != "" for r in replies)
     with pytest.raises(Busy):
         worker.ask("general", "late")
 
