@@ -287,6 +287,9 @@ class ReplyWorker:
             target=self._run,
             args=(reply, build_context(history, self.system_prompt)),
             name=f"reply-{message.id}",
+            # Not a daemon (Streamlit's script threads are, and would pass it on):
+            # Python waits for it at exit, so the reply is always stored.
+            daemon=False,
         )
         with self._lock:
             self._starting -= 1

@@ -103,12 +103,12 @@ class StreamlitApp:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def open_room(browser, app: StreamlitApp, room: str, name: str):
-    """A page in a fresh browser context (a separate person), loaded and ready."""
+def open_room(browser, app: StreamlitApp, room: str, name: str, ready: str = CHAT_INPUT):
+    """A page in a fresh browser context (a separate person), loaded until ``ready`` shows."""
     context = browser.new_context(viewport={"width": 1100, "height": 760})
     page = context.new_page()
     page.goto(f"{app.url}/?room={room}&name={name}")
-    page.wait_for_selector(CHAT_INPUT, timeout=30_000)
+    page.wait_for_selector(ready, timeout=30_000)
     return page
 
 
