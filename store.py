@@ -147,6 +147,15 @@ def _fold(name: str) -> str:
     return "".join(ch for ch in folded if ch.isalnum())
 
 
+def _encodable(text: str) -> bool:
+    """False for text with lone surrogates, which cannot be stored as UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _has_visible(text: str) -> bool:
     """True if some character is neither whitespace nor invisible (zero-width, controls)."""
     return any(unicodedata.category(ch)[0] not in "CZ" for ch in text)
@@ -170,6 +179,8 @@ def check_name(name: str) -> str:
         raise InvalidInput(f"Names can be at most {MAX_NAME_CHARS} characters.")
     if CONTROL_CHARS.search(name) or "\n" in name or "\r" in name or "\t" in name:
         raise InvalidInput("Names must be a single line of text.")
+    if not _encodable(name):
+        raise InvalidInput("Your name contains characters that cannot be stored.")
     if _fold(name) in RESERVED_NAMES:
         raise InvalidInput(f"“{name}” is reserved for the assistant; please choose another name.")
     return name
@@ -185,6 +196,8 @@ def check_text(text: str) -> str:
         )
     if CONTROL_CHARS.search(text):
         raise InvalidInput("Your message contains control characters; please remove them.")
+    if not _encodable(text):
+        raise InvalidInput("Your message contains characters that cannot be stored.")
     return text
 
 

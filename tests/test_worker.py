@@ -172,24 +172,39 @@ def test_stopping_twice_is_harmless(store, server, make_worker):
     assert store.get(reply.message_id).status == "stopped"
 
 
-@pytest.mark.parametrize(
-    "misbehaviour, note",
-    [
-        ({"error_event": {"message": "overloaded"}}, "overloaded"),
-        ({"drop": True}, "connection"),
-        ({"finish_reason": None, "usage": False}, "cut off"),
-        ({"hang": True}, "sent nothing"),
-    ],
-)
-def test_errors_end_the_reply_with_its_partial_text_and_a_note(store, server, make_worker, misbehaviour, note):
-    server.enqueue(Reply(pieces=PIECES[:8], **misbehaviour))
+PROVIDER_FAULTS = {
+    "dropped connection": ({"drop": True}, "connection"),
+    "401": ({"status": 401}, "API key"),
+    "429": ({"status": 429, "headers": {"retry-after-ms": "1"}}, "rate-limiting"),
+    "500": ({"status": 500, "headers": {"retry-after-ms": "1"}}, "answered 500"),
+    "503": ({"status": 503, "headers": {"retry-after-ms": "1"}}, "answered 503"),
+    "error event in a 200 stream": ({"error_event": {"message": "overloaded"}}, "overloaded"),
+    "malformed SSE line": ({"raw_lines": ["data: {oops"]}, "malformed"),
+    "hang": ({"hang": True}, "sent nothing"),
+    "no finish reason": ({"finish_reason": None, "usage": False}, "cut off"),
+}
+
+
+@pytest.mark.parametrize("fault", PROVIDER_FAULTS, ids=list(PROVIDER_FAULTS))
+def test_provider_faults_end_the_reply_with_its_text_and_the_room_goes_on(store, server, make_worker, fault):
+    misbehaviour, note = PROVIDER_FAULTS[fault]
+    # Status errors are retried before the first token, so the server answers each try the same way.
+    server.enqueue(*[Reply(pieces=PIECES[:8], **misbehaviour)] * 3)
     worker = make_worker()
     reply = ask(store, worker)
     wait_done(reply, timeout=10)
     stored = store.get(reply.message_id)
+    sent = server.sent[-1].text
     assert (reply.status, stored.status) == ("error", "error")
-    assert stored.text == "".join(PIECES[:8]) == reply.text()
+    assert stored.text == reply.text() == sent  # partial text kept, nothing duplicated
     assert note in stored.error and stored.error == reply.error
+    if "status" not in misbehaviour:
+        assert len(server.requests) == 1  # never retried once text had arrived
+    server.queue.clear()
+    server.enqueue(Reply(pieces=PIECES))
+    after = ask(store, worker, text="@gpt again")
+    wait_done(after)
+    assert store.get(after.message_id).text == TEXT
 
 
 def test_provider_refusal_stores_an_empty_error_reply(store, server, make_worker):
