@@ -150,6 +150,18 @@ def stored_replies(db: Path, room: str) -> list[dict]:
     return replies
 
 
+def stored_messages(db: Path, room: str) -> list[dict]:
+    """The room's people's messages as stored, oldest first."""
+    conn = sqlite3.connect(db)
+    rows = conn.execute(
+        "SELECT m.id, m.author, group_concat(c.text, '') FROM messages m JOIN chunks c ON c.message_id = m.id "
+        "WHERE m.room = ? AND m.role = 'user' GROUP BY m.id ORDER BY m.id",
+        [room],
+    ).fetchall()
+    conn.close()
+    return [{"id": r[0], "author": r[1], "text": r[2]} for r in rows]
+
+
 def stored_reply(db: Path, room: str) -> dict:
     """The room's newest assistant message as stored (status None if there is none yet)."""
     replies = stored_replies(db, room)

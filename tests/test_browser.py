@@ -18,9 +18,11 @@ from live import (
     StreamlitApp,
     as_pieces,
     assistant_body,
+    messages,
     open_room,
     require_chromium,
     send,
+    stored_messages,
     stored_reply,
     wait_until,
 )
@@ -186,33 +188,66 @@ def test_history_opens_scrolled_to_the_newest_message(open_page, app):
     assert page.locator("[data-testid=stChatMessage]").count() == 100
 
 
+# Markup that would run script or load something from off the machine if rendered
+# as HTML or trusted Markdown. 127.0.0.2 stands for "somewhere else": nothing listens there.
 PAYLOADS = [
     "<script>window.__pwned = 1</script>",
-    '<img src="http://127.0.0.2:9/x.png" onerror="window.__pwned = 1">',
-    "[click me](javascript:window.__pwned=1)",
+    '<img src=x onerror="window.__pwned = 1">',
+    '<svg onload="window.__pwned = 1"></svg>',
+    "<svg><script>window.__pwned = 1</script></svg>",
+    '<iframe src="javascript:parent.__pwned = 1"></iframe>',
+    '<iframe src="http://127.0.0.2:9/frame"></iframe>',
+    "[click](javascript:window.__pwned=1)",
+    "[click](JaVaScRiPt:window.__pwned=1)",
+    "[click](&#106;avascript:window.__pwned=1)",
+    "[click](data:text/html;base64,PHNjcmlwdD53aW5kb3cuX19wd25lZD0xPC9zY3JpcHQ+)",
+    '<a href="javascript:window.__pwned = 1">link</a>',
     "![pixel](http://127.0.0.2:9/pixel.png)",
-    '<a href="javascript:window.__pwned=1">link</a>',
+    "![pixel][ref]\n\n[ref]: http://127.0.0.2:9/ref.png",
+    '<img src="http://127.0.0.2:9/img.png">',
+    '<div style="background:url(http://127.0.0.2:9/bg.png)">styled</div>',
+    "<style>body { background: url(http://127.0.0.2:9/css.png) }</style>",
+    '<link rel="stylesheet" href="http://127.0.0.2:9/x.css">',
+    "&lt;script&gt;window.__pwned = 1&lt;/script&gt;",
+    '<details open ontoggle="window.__pwned = 1">x</details>',
+    '<object data="http://127.0.0.2:9/object"></object>',
+    '<video><source onerror="window.__pwned = 1"></video>',
+    '<math><mtext><img src=x onerror="window.__pwned = 1"></mtext></math>',
+    r"$\href{javascript:window.__pwned=1}{click}$",
+    '<form action="javascript:window.__pwned = 1"><button>go</button></form>',
+    "<http://127.0.0.2:9/autolink> and :red[colour] :material/warning:",
 ]
+
+
+def assert_harmless(page, app) -> None:
+    assert page.evaluate("() => window.__pwned") is None
+    chat = page.locator("[data-testid=stChatMessage]")
+    assert chat.locator("img, script, iframe, object, embed, video, svg image, link, style, form").count() == 0
+    hrefs = chat.locator("a").evaluate_all("links => links.map(a => a.getAttribute('href') || '')")
+    assert not [h for h in hrefs if h.strip().lower().startswith(("javascript", "data", "vbscript"))], hrefs
 
 
 def test_markup_in_messages_and_replies_runs_nothing_and_loads_nothing(open_page, app, fake):
     room = "hostile"
-    fake.enqueue(Reply(pieces=[" ".join(PAYLOADS)]))
-    page = open_page(room, "Mallory")
+    reply = "\n\n".join(PAYLOADS)
+    fake.enqueue(Reply(pieces=[reply[i : i + 7] for i in range(0, len(reply), 7)], delay_s=0.002))
+    sender, viewer = open_page(room, "Mallory"), open_page(room, "Victim")
     requests = []
-    page.on("request", lambda request: requests.append(request.url))
+    for page in (sender, viewer):
+        page.on("request", lambda request: requests.append(request.url))
     for payload in PAYLOADS:
-        send(page, payload)
-        page.wait_for_timeout(300)
-    send(page, "@gpt repeat after me")
+        send(sender, payload)
+        wait_until(lambda: len(stored_messages(app.db, room)) > PAYLOADS.index(payload))
+    send(sender, "@gpt repeat all of that")
     wait_until(lambda: stored_reply(app.db, room)["status"] == "complete")
-    wait_until(lambda: (assistant_body(page) or "").replace("\u2060", "") == " ".join(PAYLOADS))
-    assert page.evaluate("() => window.__pwned") is None
-    messages = page.locator("[data-testid=stChatMessage]")
-    assert messages.locator("img, script, iframe").count() == 0
-    hrefs = messages.locator("a").evaluate_all("links => links.map(a => a.getAttribute('href'))")
-    assert not any(href and href.lower().startswith("javascript") for href in hrefs), hrefs
-    assert not [url for url in requests if not url.startswith(app.url)], requests
+    assert stored_reply(app.db, room)["text"] == reply
+    for page in (sender, viewer):
+        wait_until(lambda: len(page.locator("[data-testid=stChatMessage]").all()) == len(PAYLOADS) + 2)
+        wait_until(lambda: "writing" not in " ".join(m["caption"] for m in messages(page)))
+        assert_harmless(page, app)
+    assert [m["text"] for m in stored_messages(app.db, room)[: len(PAYLOADS)]] == PAYLOADS  # stored as typed
+    leaving = [url for url in requests if not url.startswith(app.url)]
+    assert leaving == [], leaving
 
 
 # Last, after everything above has run against this app.
