@@ -127,23 +127,30 @@ def my_live_reply(worker: ReplyWorker, room: str, name: str) -> LiveReply | None
 # Actions (widget callbacks, run before the script) ---------------------------------
 
 
+# A refusal stays on screen until the person's next action, with the refused
+# text beside it to copy, since the chat box has already been cleared.
+
+
 def send(worker: ReplyWorker, room: str, name: str, text: str) -> None:
+    st.session_state.pop("notice", None)
     try:
         worker.post(room, name, text, asker=asker_key(name))
     except (InvalidInput, ReplyRefused) as error:
-        st.session_state.notice = str(error)
+        st.session_state.notice = (str(error), text)
     except (StoreError, sqlite3.Error):
-        st.session_state.notice = "Your message could not be saved just now; please try again."
+        st.session_state.notice = ("Your message could not be saved just now; please try again.", text)
 
 
 def retry(worker: ReplyWorker, room: str, name: str, question_id: int) -> None:
+    st.session_state.pop("notice", None)
     try:
         worker.ask(room, asker_key(name), reply_to=question_id)
     except ReplyRefused as error:
-        st.session_state.notice = str(error)
+        st.session_state.notice = (str(error), None)
 
 
 def change_name() -> None:
+    st.session_state.pop("sidebar_notice", None)
     try:
         st.query_params["name"] = check_name(st.session_state.name_field)
     except InvalidInput as error:
@@ -151,6 +158,7 @@ def change_name() -> None:
 
 
 def change_room() -> None:
+    st.session_state.pop("sidebar_notice", None)
     typed = st.session_state.room_field.strip().lower()
     try:
         st.query_params["room"] = check_room(typed)
@@ -165,7 +173,7 @@ def render_sidebar(settings: Settings, worker: ReplyWorker, room: str, name: str
     with st.sidebar:
         st.text_input("Your name", value=name, key="name_field", on_change=change_name, max_chars=40)
         st.text_input("Room", value=room, key="room_field", on_change=change_room, max_chars=40)
-        if notice := st.session_state.pop("sidebar_notice", None):
+        if notice := st.session_state.get("sidebar_notice"):
             st.warning(notice)
         base = (st.context.url or "").split("?")[0]
         st.caption("Share this room:")
@@ -232,6 +240,13 @@ def render_message(message: Message, name: str, questions: dict[int, Message], w
             )
 
 
+def render_notice(message: str, refused_text: str | None) -> None:
+    st.warning(message)
+    if refused_text and refused_text.strip():
+        with st.expander("Your message, not sent"):
+            st.code(refused_text, language=None, wrap_lines=True)
+
+
 @st.fragment
 def live_area(room: str, name: str, seen_version: int, busy: bool) -> None:
     """The asker's streaming reply and the refresh trigger for everyone else."""
@@ -282,8 +297,8 @@ def main() -> None:
             render_message(message, name, questions, worker)
     if not history and mine is None:
         st.caption("No messages yet. Say hello, or ask @gpt something.")
-    if notice := st.session_state.pop("notice", None):
-        st.warning(notice)
+    if notice := st.session_state.get("notice"):
+        render_notice(*notice)
 
     live, controls = st.container(), st.container()
     if mine is not None:

@@ -230,3 +230,15 @@ def test_images_in_messages_cannot_load(env, db_path):
     assert "![" not in body  # the image syntax is broken by an invisible word joiner
     assert body.replace("\u2060", "") == "look ![pixel](https://tracker.example/p.png) and <b>bold</b>"
     assert [m.text for m in Store(db_path).recent("general")] == [body.replace("\u2060", "")]  # stored as typed
+
+
+def test_a_refusal_stays_with_the_refused_text_until_the_next_message(env, db_path):
+    at = open_app()
+    long_text = "z" * 4500
+    at.chat_input[0].set_value(long_text).run()
+    at.run()  # a refresh does not make the explanation vanish
+    assert any("limit is 4,000" in w.value for w in at.warning)
+    assert at.code[-1].value == long_text  # there to copy, since the chat box was cleared
+    at.chat_input[0].set_value("short one").run()
+    assert not at.warning
+    assert Store(db_path).recent("general")[-1].text == "short one"

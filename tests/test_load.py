@@ -1,0 +1,143 @@
+"""Load on the real app: bursts of questions, and a soak of replies and viewers.
+
+The soak runs SOAK_SECONDS (default 15 s in the normal suite); run the full
+one with `SOAK_SECONDS=60 python -m pytest tests/test_load.py -k soak -s`.
+Viewers are real Chromium pages, one browser context (one person) each.
+"""
+
+import os
+import time
+
+import pytest
+
+from fake_openai import FakeOpenAI, Reply
+from live import (
+    KEY,
+    StreamlitApp,
+    as_pieces,
+    assistant_body,
+    messages,
+    open_room,
+    require_chromium,
+    send,
+    stored_replies,
+    wait_until,
+)
+
+require_chromium()
+
+SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "15"))
+
+
+@pytest.fixture
+def fake():
+    with FakeOpenAI() as server:
+        yield server
+
+
+@pytest.fixture
+def start_app(fake, tmp_path):
+    apps = []
+
+    def start(**env):
+        app = StreamlitApp(tmp_path, {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": KEY, **env}).start()
+        apps.append(app)
+        return app
+
+    yield start
+    for app in apps:
+        app.stop()
+        log = app.log_text()
+        assert "database is locked" not in log and "Traceback" not in log and KEY not in log
+
+
+@pytest.fixture
+def pages(browser):
+    opened = []
+
+    def open_page(app, room, name):
+        page = open_room(browser, app, room, name)
+        opened.append(page)
+        return page
+
+    yield open_page
+    for page in opened:
+        page.context.close()
+
+
+def warnings(page) -> list[str]:
+    return page.locator("[data-testid=stAlertContentWarning]").all_inner_texts()
+
+
+def test_a_burst_of_ten_questions_never_exceeds_the_concurrency_limit(start_app, pages, fake):
+    fake.default = Reply(pieces=as_pieces(["One short answer, written over a couple of seconds."] * 4), delay_s=0.05)
+    app = start_app(CHAT_MAX_CONCURRENT="4")
+    people = [pages(app, "burst", f"Person{i}") for i in range(10)]
+    for i, page in enumerate(people):
+        page.fill("[data-testid=stChatInput] textarea", f"@gpt question {i}")
+    for page in people:  # as close to the same instant as one driver can
+        page.keyboard.press("Enter")
+    wait_until(lambda: sum(bool(warnings(p)) for p in people) + len(stored_replies(app.db, "burst")) >= 10)
+    wait_until(lambda: all(r["status"] == "complete" for r in stored_replies(app.db, "burst")), timeout=30)
+
+    replies = stored_replies(app.db, "burst")
+    refused = [p for p in people if any("already writing 4 replies" in w for w in warnings(p))]
+    assert fake.max_in_flight <= 4
+    assert len(replies) == 4 and len(refused) == 6
+    assert sorted(r["text"] for r in replies) == sorted(s.text for s in fake.sent)
+    questions = [m for m in messages(people[0]) if m["from"].endswith("user")]
+    assert len(questions) <= 4  # refused questions were not stored
+
+
+def test_the_per_asker_rate_limit_holds(start_app, pages, fake):
+    fake.default = Reply(pieces=["Quick", " answer."])
+    app = start_app(CHAT_REPLIES_PER_MINUTE="5")
+    asker = pages(app, "ratelimit", "Ada")
+    for i in range(5):
+        send(asker, f"@gpt question {i}")
+        wait_until(lambda: len(stored_replies(app.db, "ratelimit")) == i + 1
+                   and stored_replies(app.db, "ratelimit")[-1]["status"] == "complete")
+    send(asker, "@gpt one too many")
+    wait_until(lambda: any("5 times a minute" in w for w in warnings(asker)))
+    assert len(stored_replies(app.db, "ratelimit")) == 5
+    other = pages(app, "ratelimit", "Bob")  # someone else may still ask
+    send(other, "@gpt my turn")
+    wait_until(lambda: len(stored_replies(app.db, "ratelimit")) == 6)
+
+
+def test_soak_five_replies_and_twenty_viewers(start_app, pages, fake):
+    sentences = [f"Sentence {n} of a steady reply, one of many in this soak." for n in range(1, 400)]
+    pieces = as_pieces(sentences)
+    per_piece = 0.02
+    count = int(SOAK_SECONDS / per_piece)
+    fake.default = Reply(pieces=pieces[:count], delay_s=per_piece)
+    app = start_app(CHAT_MAX_CONCURRENT="5")
+    viewers = [pages(app, "soak", f"Viewer{i}") for i in range(20)]
+    askers = [pages(app, "soak", f"Asker{i}") for i in range(5)]
+    started = time.monotonic()
+    for i, page in enumerate(askers):
+        send(page, f"@gpt soak question {i}")
+    wait_until(lambda: len(stored_replies(app.db, "soak")) == 5)
+    wait_until(lambda: all(r["status"] != "streaming" for r in stored_replies(app.db, "soak")),
+               timeout=SOAK_SECONDS * 3 + 30)
+    took = time.monotonic() - started
+
+    replies = stored_replies(app.db, "soak")
+    sent = sorted(s.text for s in fake.sent)
+    assert [r["status"] for r in replies] == ["complete"] * 5
+    assert sorted(r["text"] for r in replies) == sent  # nothing lost, nothing interleaved
+    assert all(len(r["chunks"]) <= r["text"].count(". ") + 3 for r in replies)
+    finals = {r["text"] for r in replies}
+
+    def shows_all_final(page):
+        shown = {m["body"] for m in messages(page) if m["from"].endswith("assistant")}
+        return shown == finals and "writing" not in " ".join(m["caption"] for m in messages(page))
+
+    for page in viewers + askers:
+        wait_until(lambda: shows_all_final(page), timeout=30)
+    assert assistant_body(viewers[0]) in finals
+    print(
+        f"\nsoak: {len(replies)} replies, {sum(len(r['chunks']) for r in replies)} chunks, "
+        f"{sum(len(r['text']) for r in replies)} characters, {len(viewers)} viewers + {len(askers)} askers, "
+        f"{took:.1f} s for the replies (model time {count * per_piece:.1f} s), 0 errors"
+    )
