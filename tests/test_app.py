@@ -238,7 +238,7 @@ def test_a_refusal_stays_with_the_refused_text_until_the_next_message(env, db_pa
     at.chat_input[0].set_value(long_text).run()
     at.run()  # a refresh does not make the explanation vanish
     assert any("limit is 4,000" in w.value for w in at.warning)
-    assert at.code[-1].value == long_text  # there to copy, since the chat box was cleared
+    assert at.main.code[-1].value == long_text  # there to copy, since the chat box was cleared
     at.chat_input[0].set_value("short one").run()
     assert not at.warning
     assert Store(db_path).recent("general")[-1].text == "short one"
