@@ -17,8 +17,10 @@ refresh tick, click or closed tab. Two things keep the page current:
 from __future__ import annotations
 
 import random
+import re
 import sqlite3
 import time
+import uuid
 
 import streamlit as st
 from streamlit_autorefresh import st_autorefresh
@@ -30,6 +32,7 @@ from store import InvalidInput, Message, Store, StoreError, check_name, check_ro
 from worker import LiveReply, ReplyRefused, ReplyWorker, ReplyStats
 
 DEFAULT_ROOM = "general"
+TAB_TOKEN = re.compile(r"[0-9a-f]{16}")
 HISTORY = 100  # messages shown
 FAST_REFRESH_MS = 1_000  # while a reply in the room is being written
 SLOW_REFRESH_MS = 5_000  # while the room is idle
@@ -53,22 +56,26 @@ ANIMALS = "Badger Crane Dolphin Falcon Fox Heron Koala Lynx Marten Otter Owl Pan
 
 @st.cache_resource(show_spinner=False)
 def open_store(path: str) -> Store:
-    """One Store per database file and process; marks replies a dead process left."""
-    store = Store(path)
-    store.recover_interrupted()
-    return store
+    """One Store per database file and process."""
+    return Store(path)
 
 
 @st.cache_resource(show_spinner=False)
 def start_worker(settings: Settings) -> ReplyWorker:
+    """One worker per process, started once: first marks replies a dead process left."""
+    store = open_store(str(settings.db_path))
+    stale_after_s = settings.idle_timeout_s + 30  # a live reply changes more often than that
+    store.recover_interrupted(stale_after_s)
     worker = ReplyWorker(
-        open_store(str(settings.db_path)),
+        store,
         model_from_settings(settings),
         system_prompt=settings.system_prompt,
         max_concurrent=settings.max_concurrent,
         replies_per_minute=settings.replies_per_minute,
+        idle_timeout_s=settings.idle_timeout_s,
     )
     worker.shutdown_with_process()  # on SIGTERM, replies end "interrupted" within seconds
+    worker.start_housekeeping(stale_after_s)
     return worker
 
 
@@ -93,8 +100,12 @@ def backend() -> tuple[Settings, Store, ReplyWorker]:
 # Who and where ------------------------------------------------------------------
 
 
-def identify() -> tuple[str, str]:
-    """The room and display name from the URL; a missing name is picked and saved there."""
+def identify() -> tuple[str, str, str]:
+    """Room, display name and tab token from the URL; missing ones are picked and saved there.
+
+    The tab token says which replies are this tab's own to follow and stop,
+    including after a reload; the room link to share leaves it out.
+    """
     room = st.query_params.get("room", DEFAULT_ROOM)
     try:
         check_room(room)
@@ -108,19 +119,21 @@ def identify() -> tuple[str, str]:
         if name:
             st.warning(f"{error} You are chatting under another name for now.")
         if "picked_name" not in st.session_state:
-            st.session_state.picked_name = f"{random.choice(ADJECTIVES)} {random.choice(ANIMALS)}"
+            st.session_state.picked_name = (
+                f"{random.choice(ADJECTIVES)} {random.choice(ANIMALS)} {random.randint(10, 99)}"
+            )
         name = st.session_state.picked_name
         st.query_params["name"] = name  # a reload keeps it
-    return room, name
+    tab = st.query_params.get("tab", "")
+    if not TAB_TOKEN.fullmatch(tab):
+        tab = st.session_state.setdefault("picked_tab", uuid.uuid4().hex[:16])
+        st.query_params["tab"] = tab
+    return room, name, tab
 
 
-def asker_key(name: str) -> str:
-    """Who a reply belongs to, for the rate limit and for re-attaching after a reload."""
-    return name.casefold()
-
-
-def my_live_reply(worker: ReplyWorker, room: str, name: str) -> LiveReply | None:
-    mine = [r for r in worker.active() if r.room == room and r.asker == asker_key(name)]
+def my_live_reply(worker: ReplyWorker, room: str, tab: str) -> LiveReply | None:
+    """The newest reply this tab asked for that is still being written, if any."""
+    mine = [r for r in worker.active() if r.room == room and r.asker == tab]
     return max(mine, key=lambda r: r.message_id, default=None)
 
 
@@ -131,22 +144,24 @@ def my_live_reply(worker: ReplyWorker, room: str, name: str) -> LiveReply | None
 # text beside it to copy, since the chat box has already been cleared.
 
 
-def send(worker: ReplyWorker, room: str, name: str, text: str) -> None:
+def send(worker: ReplyWorker, room: str, name: str, tab: str, text: str) -> None:
     st.session_state.pop("notice", None)
     try:
-        worker.post(room, name, text, asker=asker_key(name))
+        worker.post(room, name, text, asker=tab)
     except (InvalidInput, ReplyRefused) as error:
         st.session_state.notice = (str(error), text)
     except (StoreError, sqlite3.Error):
         st.session_state.notice = ("Your message could not be saved just now; please try again.", text)
 
 
-def retry(worker: ReplyWorker, room: str, name: str, question_id: int) -> None:
+def retry(worker: ReplyWorker, room: str, tab: str, question_id: int) -> None:
     st.session_state.pop("notice", None)
     try:
-        worker.ask(room, asker_key(name), reply_to=question_id)
+        worker.ask(room, tab, reply_to=question_id)
     except ReplyRefused as error:
         st.session_state.notice = (str(error), None)
+    except (StoreError, sqlite3.Error):
+        st.session_state.notice = ("The reply could not be started just now; please try again.", None)
 
 
 def change_name() -> None:
@@ -207,7 +222,9 @@ def render_stats(reply: LiveReply | None) -> None:
     )
 
 
-def render_message(message: Message, name: str, questions: dict[int, Message], worker: ReplyWorker) -> None:
+def render_message(
+    message: Message, name: str, tab: str, questions: dict[int, Message], worker: ReplyWorker
+) -> None:
     own = message.role == "user" and message.author == name
     if message.role == "assistant":
         bubble = st.chat_message("assistant", avatar=ASSISTANT_AVATAR)
@@ -236,7 +253,7 @@ def render_message(message: Message, name: str, questions: dict[int, Message], w
         if failed and question is not None and question.author == name:
             st.button(
                 "Retry", key=f"retry-{message.id}",
-                on_click=retry, args=(worker, message.room, name, question.id),
+                on_click=retry, args=(worker, message.room, tab, question.id),
             )
 
 
@@ -248,12 +265,12 @@ def render_notice(message: str, refused_text: str | None) -> None:
 
 
 @st.fragment
-def live_area(room: str, name: str, seen_version: int, busy: bool) -> None:
+def live_area(room: str, tab: str, seen_version: int, busy: bool) -> None:
     """The asker's streaming reply and the refresh trigger for everyone else."""
     with st.container(key="refresh-trigger"):
         st_autorefresh(interval=FAST_REFRESH_MS if busy else SLOW_REFRESH_MS, key="refresh")
     _, store, worker = backend()
-    reply = my_live_reply(worker, room, name)
+    reply = my_live_reply(worker, room, tab)
     if reply is not None:
         follow(reply)
         st.rerun()  # show it from the store, where it now is in full
@@ -280,21 +297,21 @@ def follow(reply: LiveReply) -> None:
 def main() -> None:
     st.set_page_config(page_title="Chat with @gpt", page_icon="💬")
     settings, store, worker = backend()
-    room, name = identify()
+    room, name, tab = identify()
     text = st.chat_input(f"Message #{room}; mention @gpt to ask the assistant")
     if text is not None:
-        send(worker, room, name, text)
+        send(worker, room, name, tab, text)
     render_sidebar(settings, worker, room, name)
     st.html(HIDE_REFRESH_TRIGGER)
     st.subheader(f"#{room}")
 
     version = store.version(room)  # read before the history, so no change slips by
     history = store.recent(room, HISTORY)
-    mine = my_live_reply(worker, room, name)
+    mine = my_live_reply(worker, room, tab)
     questions = {m.id: m for m in history if m.role == "user"}
     for message in history:
         if mine is None or message.id != mine.message_id:
-            render_message(message, name, questions, worker)
+            render_message(message, name, tab, questions, worker)
     if not history and mine is None:
         st.caption("No messages yet. Say hello, or ask @gpt something.")
     if notice := st.session_state.get("notice"):
@@ -307,7 +324,7 @@ def main() -> None:
         controls.button("Stop", icon=":material/stop_circle:", key="stop", on_click=mine.cancel)
     busy = mine is not None or any(m.status == "streaming" for m in history)
     with live:
-        live_area(room, name, version, busy)
+        live_area(room, tab, version, busy)
 
 
 main()

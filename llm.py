@@ -8,6 +8,7 @@ short, meant for people, and never contain the API key.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Protocol
@@ -124,7 +125,10 @@ class OpenAIModel:
             secret=settings.openai_api_key,
         )
 
-    def stream(self, messages: list[dict[str, str]]) -> Iterator[str]:
+    def stream(self, messages: list[dict[str, str]]) -> OpenAIStream:
+        return OpenAIStream(self, messages)
+
+    def _pieces(self, messages: list[dict[str, str]], handle: OpenAIStream) -> Iterator[str]:
         try:
             response = self.client.chat.completions.create(
                 model=self.model,
@@ -135,6 +139,7 @@ class OpenAIModel:
             )
         except openai.APIError as error:
             raise self._translate(error) from None
+        handle._opened(response)
         with response:  # closing the generator closes the HTTP stream too
             finished = False
             last_text_at = time.monotonic()
@@ -151,10 +156,12 @@ class OpenAIModel:
                     if time.monotonic() - last_text_at > self.idle_timeout_s:
                         raise TimedOut(self._idle_message())
             except openai.APIError as error:
+                if handle.closed:
+                    return  # closed on purpose, from another thread
                 raise self._translate(error) from None
             except ValueError:  # a line that is not JSON
                 raise ProviderError("The model provider sent a malformed response.") from None
-            if not finished:
+            if not finished and not handle.closed:
                 raise ConnectionLost("The reply was cut off before the model finished.")
 
     def _check_finish(self, reason: str) -> None:
@@ -185,6 +192,41 @@ class OpenAIModel:
             text = text.replace(self._secret, "***")
         text = " ".join(text.split())
         return text if len(text) <= 200 else text[:199] + "…"
+
+
+class OpenAIStream:
+    """The text pieces of one reply from an OpenAI-compatible server.
+
+    Iterate it in one thread; ``close()`` may be called from any other: it
+    closes the HTTP response, which ends the iteration at the next bytes that
+    arrive (keep-alive comments included) and tells the provider to stop.
+    """
+
+    def __init__(self, model: OpenAIModel, messages: list[dict[str, str]]):
+        self._lock = threading.Lock()
+        self._response = None
+        self.closed = False
+        self._pieces = model._pieces(messages, self)
+
+    def __iter__(self) -> OpenAIStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+            response = self._response
+        if response is not None:
+            response.close()
+
+    def _opened(self, response) -> None:
+        with self._lock:
+            self._response = response
+            closed = self.closed
+        if closed:
+            response.close()
 
 
 # The offline demo model -----------------------------------------------------

@@ -14,11 +14,14 @@ failing with "database is locked" halfway through.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import socket
 import sqlite3
 import threading
 import time
 import unicodedata
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +43,9 @@ CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 STATUSES = ("complete", "streaming", "stopped", "error", "interrupted")
 FINAL_STATUSES = frozenset(STATUSES) - {"streaming"}
 INTERRUPTED_NOTE = "The server restarted while this reply was being written."
+# This process, as recorded on the replies it writes: host, pid, and a token
+# that tells it apart from an earlier process that had the same pid.
+PROCESS = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 class StoreError(Exception):
@@ -66,6 +72,7 @@ class Message:
     reply_to: int | None
     created_at: float
     updated_at: float
+    owner: str | None = None  # the process writing a streaming reply
 
     @property
     def is_final(self) -> bool:
@@ -105,6 +112,12 @@ def m001_initial(db: Database) -> None:
     )
 
 
+@migration
+def m002_reply_owner(db: Database) -> None:
+    # Which process writes a streaming reply, so recovery leaves live ones alone.
+    db["messages"].add_column("owner", str)
+
+
 def migrate(db: Database) -> None:
     """Apply the migrations this database has not seen yet; safe to repeat."""
     db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL)")
@@ -121,8 +134,14 @@ def migrate(db: Database) -> None:
 
 
 def connect(path: str | Path) -> Database:
-    """One connection in WAL mode that waits for locks instead of failing."""
-    conn = sqlite3.connect(str(path), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    """One connection in WAL mode that waits for locks instead of failing.
+
+    Each is used by one thread only; ``check_same_thread`` is off so that it can
+    be closed from whichever thread cleans up after that one.
+    """
+    conn = sqlite3.connect(
+        str(path), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False
+    )
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
@@ -201,6 +220,39 @@ def check_text(text: str) -> str:
     return text
 
 
+class _ThreadConnection:
+    """Closes its connection when its thread ends and thread-local data is dropped.
+
+    Streamlit runs every script run in a new thread. A connection left to the
+    garbage collector stays open for a long time (sqlite-utils' Database holds
+    a reference cycle, and the app turns off Streamlit's collection after each
+    run), so open files would pile up.
+    """
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    def __del__(self) -> None:
+        self.db.conn.close()
+
+
+def _is_orphan(owner: str | None, updated_at: float, stale_after_s: float) -> bool:
+    if owner == PROCESS:
+        return False
+    host, _, rest = (owner or "").partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return time.time() - updated_at > stale_after_s
+    try:
+        os.kill(int(pid), 0)  # is a process with that pid running here?
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # it runs, as another user
+    # A live pid may be a new process reusing an old one's: only the clock can tell.
+    return time.time() - updated_at > stale_after_s
+
+
 class Store:
     """The chat database at ``path``; safe to share between threads."""
 
@@ -211,11 +263,11 @@ class Store:
 
     @property
     def db(self) -> Database:
-        """This thread's connection (created on first use)."""
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = self._local.db = connect(self.path)
-        return db
+        """This thread's connection (created on first use, closed when the thread ends)."""
+        holder = getattr(self._local, "connection", None)
+        if holder is None:
+            holder = self._local.connection = _ThreadConnection(connect(self.path))
+        return holder.db
 
     # Writing ---------------------------------------------------------------
 
@@ -229,16 +281,23 @@ class Store:
             self._bump(db, room)
         return self.get(message_id)
 
-    def start_reply(self, room: str, reply_to: int | None = None) -> Message:
+    def start_reply(self, room: str, reply_to: int | None = None, owner: str = PROCESS) -> Message:
         """An empty assistant message in status ``streaming``, to append chunks to."""
         room = check_room(room)
-        now = time.time()
         with _immediate(self.db) as db:
-            message_id = self._insert_message(
-                db, room, ASSISTANT_NAME, "assistant", "streaming", reply_to, now
-            )
+            message_id = self._insert_reply(db, room, reply_to, owner)
             self._bump(db, room)
         return self.get(message_id)
+
+    def add_question(self, room: str, author: str, text: str) -> tuple[Message, Message]:
+        """A person's message and the empty reply to it, stored together or not at all."""
+        room, author, text = check_room(room), check_name(author), check_text(text)
+        with _immediate(self.db) as db:
+            question_id = self._insert_message(db, room, author, "user", "complete", None, time.time())
+            self._insert_chunk(db, question_id, 0, text)
+            reply_id = self._insert_reply(db, room, question_id, PROCESS)
+            self._bump(db, room)
+        return self.get(question_id), self.get(reply_id)
 
     def append_chunk(self, message_id: int, text: str) -> None:
         """Append one piece to a streaming reply, in one transaction."""
@@ -272,26 +331,31 @@ class Store:
             )
             self._bump(db, room)
 
-    def recover_interrupted(self) -> int:
+    def recover_interrupted(self, stale_after_s: float = 300.0) -> int:
         """Mark replies left ``streaming`` by a dead process as ``interrupted``.
 
-        Their text so far is kept. Call once at start-up, before any new reply.
-        Returns how many replies were recovered.
+        Their text so far is kept. A reply is orphaned when the process that
+        writes it is gone: on this host, its pid no longer runs (or is another
+        process now); elsewhere, it has not changed for ``stale_after_s``.
+        Replies of live processes, this one included, are left alone, so this
+        is safe to call at start-up and now and then. Returns how many it marked.
         """
+        orphans = [
+            row
+            for row in self.db.query(
+                "SELECT id, room, owner, updated_at FROM messages WHERE status = 'streaming'"
+            )
+            if _is_orphan(row["owner"], row["updated_at"], stale_after_s)
+        ]
+        count = 0
         with _immediate(self.db) as db:
-            rooms = [
-                row["room"]
-                for row in db.query(
-                    "SELECT DISTINCT room FROM messages WHERE status = 'streaming'"
-                )
-            ]
-            count = db.execute(
-                "UPDATE messages SET status = 'interrupted', error = ?, updated_at = ? "
-                "WHERE status = 'streaming'",
-                [INTERRUPTED_NOTE, time.time()],
-            ).rowcount
-            for room in rooms:
-                self._bump(db, room)
+            for row in orphans:
+                count += db.execute(
+                    "UPDATE messages SET status = 'interrupted', error = ?, updated_at = ? "
+                    "WHERE id = ? AND status = 'streaming' AND updated_at = ?",
+                    [INTERRUPTED_NOTE, time.time(), row["id"], row["updated_at"]],
+                ).rowcount
+                self._bump(db, row["room"])
         return count
 
     # Reading ---------------------------------------------------------------
@@ -340,6 +404,14 @@ class Store:
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             [room, author, role, status, reply_to, now, now],
         ).lastrowid
+
+    @staticmethod
+    def _insert_reply(db, room: str, reply_to: int | None, owner: str) -> int:
+        message_id = Store._insert_message(
+            db, room, ASSISTANT_NAME, "assistant", "streaming", reply_to, time.time()
+        )
+        db.execute("UPDATE messages SET owner = ? WHERE id = ?", [owner, message_id])
+        return message_id
 
     @staticmethod
     def _insert_chunk(db, message_id: int, seq: int, text: str) -> None:

@@ -16,6 +16,8 @@ always ends it in a final status.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import queue
 import sqlite3
@@ -27,13 +29,22 @@ from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 from chunker import SentenceChunker
-from llm import CONTEXT_MESSAGES, MENTION, Model, ModelError, build_context
-from store import INTERRUPTED_NOTE, Message, Store, check_name, check_room, check_text
+from llm import CONTEXT_MESSAGES, MENTION, Model, ModelError, TimedOut, build_context
+from store import (
+    INTERRUPTED_NOTE,
+    Message,
+    NotStreaming,
+    Store,
+    check_name,
+    check_room,
+    check_text,
+)
 
 log = logging.getLogger(__name__)
 
 KEEP_FINISHED = 200  # finished replies kept in memory for late followers and stats
 WRITE_ATTEMPTS = 3  # each attempt already waits up to the store's busy timeout
+FINAL_WRITE_ATTEMPTS = 12  # the final status matters most: about a minute of locks
 _CANCEL_NOTES = {"interrupted": INTERRUPTED_NOTE}
 SAVE_FAILED_NOTE = "This reply could not be saved completely."
 UNEXPECTED_NOTE = "Something went wrong while writing this reply."
@@ -146,6 +157,8 @@ class LiveReply:
 class ReplyWorker:
     """Starts, tracks and limits assistant replies for the whole process."""
 
+    final_write_attempts = FINAL_WRITE_ATTEMPTS
+
     def __init__(
         self,
         store: Store,
@@ -153,6 +166,7 @@ class ReplyWorker:
         system_prompt: str,
         max_concurrent: int = 4,
         replies_per_minute: int = 5,
+        idle_timeout_s: float = 30.0,
         chunker: Callable[[], SentenceChunker] = SentenceChunker,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -161,6 +175,7 @@ class ReplyWorker:
         self.system_prompt = system_prompt
         self.max_concurrent = max_concurrent
         self.replies_per_minute = replies_per_minute
+        self.idle_timeout_s = idle_timeout_s
         self._chunker = chunker
         self._clock = clock
         self._lock = threading.Lock()
@@ -169,6 +184,7 @@ class ReplyWorker:
         self._finished: OrderedDict[int, LiveReply] = OrderedDict()
         self._asked: dict[str, deque[float]] = {}
         self._closed = False
+        self._unsaved_ends: list[Callable[[], None]] = []  # final writes to try again
         self.totals = ReplyStats()
 
     # Public ------------------------------------------------------------------
@@ -185,20 +201,21 @@ class ReplyWorker:
         asker = asker or author
         stamp = self._reserve(asker)
         try:
-            question = self.store.add_message(room, author, text)
-            return Posted(question, self._start(room, asker, question.id))
+            question, message = self.store.add_question(room, author, text)
         except BaseException:
             self._release(asker, stamp)
             raise
+        return Posted(question, self._launch(message, asker))
 
     def ask(self, room: str, asker: str, reply_to: int | None = None) -> LiveReply:
-        """Start a reply to the room's latest messages (a retry), or raise ReplyRefused."""
+        """Start a reply to message ``reply_to`` (a retry), or raise ReplyRefused."""
         stamp = self._reserve(asker)
         try:
-            return self._start(check_room(room), asker, reply_to)
+            message = self.store.start_reply(check_room(room), reply_to)
         except BaseException:
             self._release(asker, stamp)
             raise
+        return self._launch(message, asker)
 
     def get(self, message_id: int) -> LiveReply | None:
         """The live (or recently finished) reply for a message, if this process has it."""
@@ -244,6 +261,33 @@ class ReplyWorker:
 
         threading.Thread(target=watch, name="reply-worker-exit", daemon=True).start()
 
+    def start_housekeeping(self, stale_after_s: float, interval_s: float = 30.0) -> None:
+        """Every ``interval_s``: retry final writes that failed, and mark replies
+        of processes that died (see Store.recover_interrupted) as interrupted."""
+
+        def tidy() -> None:
+            while not self._closed:
+                time.sleep(interval_s)
+                self.tidy(stale_after_s)
+
+        threading.Thread(target=tidy, name="reply-worker-housekeeping", daemon=True).start()
+
+    def tidy(self, stale_after_s: float) -> None:
+        with self._lock:
+            pending, self._unsaved_ends = self._unsaved_ends, []
+        for finish in pending:
+            try:
+                finish()
+            except NotStreaming:
+                pass  # already final
+            except Exception:
+                with self._lock:
+                    self._unsaved_ends.append(finish)
+        try:
+            self.store.recover_interrupted(stale_after_s)
+        except Exception:
+            log.exception("could not check for interrupted replies")
+
     # Limits ------------------------------------------------------------------
 
     def _reserve(self, asker: str) -> float:
@@ -277,15 +321,17 @@ class ReplyWorker:
             with contextlib.suppress(ValueError):
                 self._asked[asker].remove(stamp)
 
-    def _start(self, room: str, asker: str, reply_to: int | None) -> LiveReply:
-        """Create the reply's row and thread, in the slot _reserve took."""
-        history = self.store.recent(room, limit=CONTEXT_MESSAGES)
-        message = self.store.start_reply(room, reply_to)
-        reply = LiveReply(message.id, room, asker)
+    def _launch(self, message: Message, asker: str) -> LiveReply:
+        """Start the thread for a stored, empty reply, in the slot _reserve took.
+
+        From here on the reply always ends in a final status: if the thread
+        cannot start, it is ended here.
+        """
+        reply = LiveReply(message.id, message.room, asker)
         reply.stats.commits = 1
         thread = threading.Thread(
             target=self._run,
-            args=(reply, build_context(history, self.system_prompt)),
+            args=(reply, message.reply_to),
             name=f"reply-{message.id}",
             # Not a daemon (Streamlit's script threads are, and would pass it on):
             # Python waits for it at exit, so the reply is always stored.
@@ -294,29 +340,55 @@ class ReplyWorker:
         with self._lock:
             self._starting -= 1
             self._active[message.id] = (reply, thread)
-        thread.start()
+        try:
+            thread.start()
+        except BaseException:
+            log.exception("reply %s could not start", message.id)
+            self._end(reply, "error", UNEXPECTED_NOTE, "")
         return reply
+
+    def _context(self, reply: LiveReply, reply_to: int | None) -> list[dict[str, str]]:
+        """What the model sees: the room up to the question, without failed replies."""
+        history = [
+            m
+            for m in self.store.recent(reply.room, limit=CONTEXT_MESSAGES * 3)
+            if m.id != reply.message_id
+            and (reply_to is None or m.id <= reply_to)
+            and (m.role == "user" or m.status == "complete")
+        ]
+        return build_context(history[-CONTEXT_MESSAGES:], self.system_prompt)
 
     # The reply thread ----------------------------------------------------------
 
-    def _run(self, reply: LiveReply, messages: list[dict[str, str]]) -> None:
+    def _run(self, reply: LiveReply, reply_to: int | None) -> None:
         chunker = self._chunker()
         unsaved = ""  # text a failed write could not store; retried with the last chunk
-        status, note = "complete", None
-        pump = threading.Thread(
-            target=_pump,
-            args=(self.model, messages, reply._wake, reply._cancelled),
-            name=f"reply-{reply.message_id}-model",
-            daemon=True,  # it only reads; the reply thread does every write
-        )
-        pump.start()
+        status, note = "error", UNEXPECTED_NOTE  # until we know better
+        stream = None
         try:
+            stream = self.model.stream(self._context(reply, reply_to))
+            pump = threading.Thread(
+                target=_pump,
+                args=(stream, reply._wake, reply._cancelled),
+                name=f"reply-{reply.message_id}-model",
+                daemon=True,  # it only reads; the reply thread does every write
+            )
+            pump.start()
             while True:
-                item = reply._wake.get()
+                try:
+                    # A wall clock of its own: a provider that sends keep-alive
+                    # comments and no text never trips the HTTP read timeout.
+                    item = reply._wake.get(timeout=self.idle_timeout_s)
+                except queue.Empty:
+                    reply._cancelled.set()  # the pump closes the stream when it wakes
+                    raise TimedOut(
+                        f"The model sent nothing for {self.idle_timeout_s:g} seconds, so the reply was ended."
+                    ) from None
                 if item is _CANCEL or reply.cancelled:
                     status, note = reply._cancel_status, _CANCEL_NOTES.get(reply._cancel_status)
                     break
                 if item is _END:
+                    status, note = "complete", None
                     break
                 if isinstance(item, BaseException):
                     raise item
@@ -329,47 +401,67 @@ class ReplyWorker:
                     unsaved = ""
         except ModelError as error:
             status, note = "error", str(error)
-        except Exception:
+        except BaseException:
             log.exception("reply %s failed", reply.message_id)
-            status, note = "error", UNEXPECTED_NOTE
+            raise
         finally:
-            rest = unsaved + chunker.flush()
-            try:
-                self._write(
-                    reply,
-                    lambda: self.store.finish_reply(reply.message_id, status, note, last_chunk=rest),
-                )
-                if rest:
-                    _count_chunk(reply.stats, rest)
-            except Exception:
-                log.exception("reply %s could not be saved", reply.message_id)
-                status, note = "error", SAVE_FAILED_NOTE
-            reply._end(status, note)
+            reply._cancelled.set()  # whatever ended the reply, the pump stops reading
+            _interrupt(stream)
+            self._end(reply, status, note, unsaved + chunker.flush())
+
+    def _end(self, reply: LiveReply, status: str, note: str | None, rest: str) -> None:
+        """Store the final status with the text not yet stored, then free the slot."""
+        try:
+            self._write(
+                reply,
+                lambda: self.store.finish_reply(reply.message_id, status, note, last_chunk=rest),
+                attempts=self.final_write_attempts,
+            )
+            if rest:
+                _count_chunk(reply.stats, rest)
+        except Exception:
+            # The row stays `streaming` for now; housekeeping tries again later.
+            log.exception("reply %s could not be saved", reply.message_id)
             with self._lock:
-                self._active.pop(reply.message_id, None)
-                self._finished[reply.message_id] = reply
-                while len(self._finished) > KEEP_FINISHED:
-                    self._finished.popitem(last=False)
-                self.totals = self.totals + reply.stats
+                self._unsaved_ends.append(
+                    functools.partial(self.store.finish_reply, reply.message_id, status, note, last_chunk=rest)
+                )
+            status, note = "error", SAVE_FAILED_NOTE
+        with self._lock:
+            self._active.pop(reply.message_id, None)
+            self._finished[reply.message_id] = reply
+            while len(self._finished) > KEEP_FINISHED:
+                self._finished.popitem(last=False)
+            self.totals = self.totals + reply.stats
+        reply._end(status, note)  # last: a follower that sees it done finds the slot free
 
     @staticmethod
-    def _write(reply: LiveReply, write: Callable[[], None]) -> None:
-        """One store write, retried if the database stays locked past its busy timeout."""
-        for attempt in range(WRITE_ATTEMPTS):
+    def _write(reply: LiveReply, write: Callable[[], None], attempts: int = WRITE_ATTEMPTS) -> None:
+        """One store write, retried while the database stays locked past its busy timeout."""
+        for attempt in range(attempts):
             try:
                 write()
                 reply.stats.commits += 1
                 return
             except sqlite3.OperationalError as error:
-                if attempt == WRITE_ATTEMPTS - 1 or "locked" not in str(error):
+                if attempt == attempts - 1 or "locked" not in str(error):
                     raise
                 log.warning("reply %s: database busy, retrying", reply.message_id)
-                time.sleep(0.2 * (attempt + 1))
+                time.sleep(min(0.2 * (attempt + 1), 2.0))
 
 
-def _pump(model: Model, messages, out: queue.SimpleQueue, cancelled: threading.Event) -> None:
+def _interrupt(stream) -> None:
+    """Close a model stream from outside the thread reading it, where it allows that.
+
+    An OpenAIStream does; a plain generator cannot be closed while another thread
+    runs it, and closes itself when the pump notices the cancellation.
+    """
+    if stream is not None and not inspect.isgenerator(stream):
+        stream.close()
+
+
+def _pump(stream: Iterator[str], out: queue.SimpleQueue, cancelled: threading.Event) -> None:
     """Read the model's stream into ``out``; close it (and its HTTP stream) on stop."""
-    stream = model.stream(messages)
     try:
         for piece in stream:
             if cancelled.is_set():

@@ -36,6 +36,7 @@ class Reply:
     raw_lines: list[str] = field(default_factory=list)  # sent as-is after the pieces
     drop: bool = False  # close the connection after the pieces, mid-body
     hang: bool = False  # stop sending after the pieces and wait
+    keepalive: bool = False  # after the pieces, send only SSE comments (": ping") every 0.2 s
     echo: int = 0  # if set, the pieces are the words of the last message, this many times
 
 
@@ -176,6 +177,10 @@ def _handler_for(server: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 return
             if reply.hang:
                 server.stopping.wait(60)
+                return
+            if reply.keepalive:
+                while not server.stopping.wait(0.2):
+                    self._write(b": ping\n\n")
                 return
             if reply.finish_reason is not None:
                 self._event(_chunk({}, reply.finish_reason))

@@ -112,6 +112,18 @@ def open_room(browser, app: StreamlitApp, room: str, name: str, ready: str = CHA
     return page
 
 
+def open_rooms(browser, app: StreamlitApp, room: str, names: list[str]) -> list:
+    """Like open_room for many people at once: all load in parallel."""
+    pages = []
+    for name in names:
+        page = browser.new_context(viewport={"width": 1100, "height": 760}).new_page()
+        page.goto(f"{app.url}/?room={room}&name={name}", wait_until="commit")
+        pages.append(page)
+    for page in pages:
+        page.wait_for_selector(CHAT_INPUT, timeout=60_000)
+    return pages
+
+
 def send(page, text: str) -> None:
     page.fill(CHAT_INPUT, text)
     page.keyboard.press("Enter")

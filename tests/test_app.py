@@ -138,10 +138,10 @@ def test_others_messages_are_not_marked_as_yours(env, db_path):
     assert [m.name for m in at.chat_message] == ["Bob", "user"]
 
 
-def test_a_reply_left_streaming_by_a_dead_process_shows_as_interrupted(env, db_path):
+def test_a_reply_left_streaming_by_a_dead_process_shows_as_interrupted(env, db_path, dead_owner):
     store = Store(db_path)
     question = store.add_message("general", "Ada", "@gpt tell me")
-    reply = store.start_reply("general", reply_to=question.id)
+    reply = store.start_reply("general", reply_to=question.id, owner=dead_owner)
     store.append_chunk(reply.id, "Half of an answer.")
     at = open_app()
     assert not at.exception
@@ -214,9 +214,9 @@ def test_history_shows_the_last_100_messages_newest_at_the_bottom(env, db_path):
     assert shown == [f"message {i}" for i in range(20, 120)]
 
 
-def test_recovery_runs_once_per_process_not_on_every_rerun(env, db_path):
+def test_recovery_runs_once_per_process_not_on_every_rerun(env, db_path, dead_owner):
     at = open_app()
-    live = Store(db_path).start_reply("general")  # as if a worker thread were writing it now
+    live = Store(db_path).start_reply("general", owner=dead_owner)  # appears after start-up
     at.run()
     at.chat_input[0].set_value("hello").run()
     assert Store(db_path).get(live.id).status == "streaming"

@@ -163,6 +163,9 @@ def test_the_asker_re_attaches_after_a_rerun_and_after_a_reload(open_page, app, 
     before = assistant_body(asker)
     wait_until(lambda: len(assistant_body(asker) or "") > len(before or "") + 20)
     assert asker.get_by_role("button", name="Stop").is_visible()  # still the asker's live view
+    namesake = open_page(room, "Ada")  # someone else who happens to be called Ada
+    wait_until(lambda: "writing" in " ".join(m["caption"] for m in messages(namesake)))
+    assert namesake.get_by_role("button", name="Stop").count() == 0  # not theirs to stop
     asker.reload()  # a new session for the same person
     asker.wait_for_selector(CHAT_INPUT)
     asker.get_by_role("button", name="Stop").wait_for(timeout=5_000)  # re-attached

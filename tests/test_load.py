@@ -17,7 +17,7 @@ from live import (
     as_pieces,
     assistant_body,
     messages,
-    open_room,
+    open_rooms,
     require_chromium,
     send,
     stored_replies,
@@ -55,12 +55,12 @@ def start_app(fake, tmp_path):
 def pages(browser):
     opened = []
 
-    def open_page(app, room, name):
-        page = open_room(browser, app, room, name)
-        opened.append(page)
-        return page
+    def open_pages(app, room, *names):
+        new = open_rooms(browser, app, room, list(names))
+        opened.extend(new)
+        return new if len(new) > 1 else new[0]
 
-    yield open_page
+    yield open_pages
     for page in opened:
         page.context.close()
 
@@ -72,7 +72,7 @@ def warnings(page) -> list[str]:
 def test_a_burst_of_ten_questions_never_exceeds_the_concurrency_limit(start_app, pages, fake):
     fake.default = Reply(pieces=as_pieces(["One short answer, written over a couple of seconds."] * 4), delay_s=0.05)
     app = start_app(CHAT_MAX_CONCURRENT="4")
-    people = [pages(app, "burst", f"Person{i}") for i in range(10)]
+    people = pages(app, "burst", *[f"Person{i}" for i in range(10)])
     for i, page in enumerate(people):
         page.fill("[data-testid=stChatInput] textarea", f"@gpt question {i}")
     for page in people:  # as close to the same instant as one driver can
@@ -112,8 +112,8 @@ def test_soak_five_replies_and_twenty_viewers(start_app, pages, fake):
     count = int(SOAK_SECONDS / per_piece)
     fake.default = Reply(pieces=pieces[:count], delay_s=per_piece)
     app = start_app(CHAT_MAX_CONCURRENT="5")
-    viewers = [pages(app, "soak", f"Viewer{i}") for i in range(20)]
-    askers = [pages(app, "soak", f"Asker{i}") for i in range(5)]
+    viewers = pages(app, "soak", *[f"Viewer{i}" for i in range(20)])
+    askers = pages(app, "soak", *[f"Asker{i}" for i in range(5)])
     started = time.monotonic()
     for i, page in enumerate(askers):
         send(page, f"@gpt soak question {i}")

@@ -1,3 +1,5 @@
+import os
+import socket
 import sqlite3
 import threading
 import time
@@ -18,10 +20,10 @@ def test_migrations_run_once_and_can_repeat(db_path):
     migrate(store.db)
     Store(db_path)  # a second process start on the same file
     names = [row["name"] for row in store.db.query("SELECT name FROM _migrations")]
-    assert names == ["m001_initial"]
+    assert names == ["m001_initial", "m002_reply_owner"]
     assert set(store.db.table_names()) >= {"rooms", "messages", "chunks"}
     assert {c.name for c in store.db["messages"].columns} >= {
-        "id", "room", "author", "role", "status", "error", "created_at", "updated_at"
+        "id", "room", "author", "role", "status", "error", "created_at", "updated_at", "owner"
     }
 
 
@@ -86,22 +88,42 @@ def test_room_version_changes_with_every_write_in_that_room_only(store):
     assert v1 < v2 < v3 < store.version("general")
 
 
-def test_recovery_marks_streaming_replies_interrupted_and_keeps_text(db_path):
+def test_recovery_marks_a_dead_process_replies_interrupted_and_keeps_text(db_path, dead_owner):
     store = Store(db_path)
     done = store.start_reply("general")
     store.finish_reply(done.id, "complete", last_chunk="Done.")
-    left = store.start_reply("general")
+    left = store.start_reply("general", owner=dead_owner)
     store.append_chunk(left.id, "Half a reply")
+    mine = store.start_reply("general")  # this process is alive and still writing it
     before = store.version("general")
 
-    restarted = Store(db_path)  # as after the process died
+    restarted = Store(db_path)
     assert restarted.recover_interrupted() == 1
     assert restarted.get(left.id).status == "interrupted"
     assert restarted.get(left.id).text == "Half a reply"
     assert restarted.get(left.id).error
     assert restarted.get(done.id).status == "complete"
+    assert restarted.get(mine.id).status == "streaming"
     assert restarted.version("general") > before
     assert restarted.recover_interrupted() == 0
+
+
+def test_recovery_leaves_other_live_processes_replies_alone_until_stale(db_path):
+    store = Store(db_path)
+    elsewhere = store.start_reply("general", owner="other-host:123:abc")
+    alive_here = store.start_reply("general", owner=f"{socket.gethostname()}:{os.getpid()}:another")
+    assert store.recover_interrupted(stale_after_s=60) == 0
+    time.sleep(0.2)
+    assert store.recover_interrupted(stale_after_s=0.1) == 2  # silent too long: gone
+    assert {store.get(m.id).status for m in (elsewhere, alive_here)} == {"interrupted"}
+
+
+def test_question_and_reply_are_stored_together(store):
+    question, reply = store.add_question("general", "Ada", "@gpt hi")
+    assert (reply.reply_to, reply.status, reply.role) == (question.id, "streaming", "assistant")
+    with pytest.raises(InvalidInput):
+        store.add_question("general", "Ada", " ")
+    assert len(store.recent("general")) == 2
 
 
 @pytest.mark.parametrize(
@@ -203,3 +225,24 @@ def test_store_waits_for_another_writer_instead_of_failing(db_path):
     holder.join()
     assert store.get(reply.id).text == "waited. "
     assert waited >= 0.5  # it really waited on the lock rather than failing
+
+
+def test_each_thread_connection_is_closed_when_the_thread_ends(db_path):
+    import gc
+
+    store = Store(db_path)
+    store.add_message("general", "Ada", "hi")
+
+    def open_files():
+        return sum(1 for fd in os.listdir("/proc/self/fd") if str(db_path) in os.path.realpath(f"/proc/self/fd/{fd}"))
+
+    gc.disable()  # as with Streamlit's runner.postScriptGC = false
+    try:
+        before = open_files()
+        for _ in range(50):  # fifty script runs, each in a thread of its own
+            thread = threading.Thread(target=lambda: store.recent("general"))
+            thread.start()
+            thread.join()
+        assert open_files() <= before + 2
+    finally:
+        gc.enable()

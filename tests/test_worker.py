@@ -1,3 +1,4 @@
+import sqlite3
 import threading
 import time
 
@@ -347,3 +348,74 @@ def test_latest_reply_of_a_room(store, make_worker):
     wait_done(other)
     assert worker.latest("general") is first
     assert worker.latest("random") is other
+
+
+def test_keep_alive_comments_do_not_keep_a_silent_reply_open(store, server, make_worker):
+    server.enqueue(Reply(pieces=PIECES[:5], keepalive=True))
+    worker = make_worker(idle_timeout_s=1.0)
+    reply = ask(store, worker)
+    started = time.monotonic()
+    wait_done(reply, timeout=10)
+    assert time.monotonic() - started < 5
+    stored = store.get(reply.message_id)
+    assert (stored.status, stored.text) == ("error", "".join(PIECES[:5]))
+    assert "sent nothing" in stored.error
+    assert server.sent[-1].done.wait(5)  # the stream was closed too
+
+
+def test_retry_answers_its_question_without_the_failed_reply(store, server, make_worker):
+    worker = make_worker()
+    server.enqueue(Reply(pieces=["Half an"], error_event={"message": "boom"}))
+    posted = worker.post("general", "Ada", "@gpt what is SQLite?")
+    wait_done(posted.reply)
+    store.add_message("general", "Bob", "anyone up for pizza tonight?")
+    server.enqueue(Reply(pieces=["A database."]))
+    retried = worker.ask("general", "Ada", reply_to=posted.message.id)
+    wait_done(retried)
+    messages = server.requests[-1]["body"]["messages"]
+    assert messages[-1] == {"role": "user", "content": "Ada: @gpt what is SQLite?"}
+    assert all("Half an" not in m["content"] and "pizza" not in m["content"] for m in messages)
+    assert store.get(retried.message_id).reply_to == posted.message.id
+
+
+class FlakyStore(Store):
+    """A real store whose final writes fail with "database is locked" a set number of times."""
+
+    def __init__(self, path, failures: int):
+        super().__init__(path)
+        self.failures = failures
+
+    def finish_reply(self, *args, **kwargs):
+        if self.failures > 0:
+            self.failures -= 1
+            raise sqlite3.OperationalError("database is locked")
+        return super().finish_reply(*args, **kwargs)
+
+
+def test_a_final_write_that_keeps_failing_is_retried_later(db_path, server):
+    store = FlakyStore(db_path, failures=3)
+    worker = ReplyWorker(store, OpenAIModel(make_client(Settings(openai_base_url=server.base_url)), "m"), "")
+    worker.final_write_attempts = 2
+    server.enqueue(Reply(pieces=PIECES))
+    reply = worker.post("general", "Ada", "@gpt hi").reply
+    wait_done(reply)
+    assert reply.status == "error"  # as far as anyone following it can tell
+    assert store.get(reply.message_id).status == "streaming"
+    worker.tidy(stale_after_s=60)  # still locked: tries again later
+    assert store.get(reply.message_id).status == "streaming"
+    worker.tidy(stale_after_s=60)
+    stored = store.get(reply.message_id)
+    assert (stored.status, stored.text) == ("complete", TEXT)
+    worker.shutdown()
+
+
+def test_a_post_whose_reply_cannot_be_created_stores_no_question(db_path, make_worker):
+    class NoReplies(Store):
+        def _insert_reply(self, *args):
+            raise sqlite3.OperationalError("disk I/O error")
+
+    worker = ReplyWorker(NoReplies(db_path), DemoModel(tokens_per_s=5000), "")
+    with pytest.raises(sqlite3.OperationalError):
+        worker.post("general", "Ada", "@gpt hello")
+    assert worker.store.recent("general") == []
+    assert worker.post("general", "Ada", "no mention, still fine").reply is None  # slot given back
