@@ -124,9 +124,8 @@ def test_soak_five_replies_and_twenty_viewers(start_app, pages, fake):
 
     replies = stored_replies(app.db, "soak")
     sent = sorted(s.text for s in fake.sent)
-    assert [r["status"] for r in replies] == ["complete"] * 5
+    assert [r["status"] for r in replies] == ["complete"] * 5, [(r["status"], r["error"]) for r in replies]
     assert sorted(r["text"] for r in replies) == sent  # nothing lost, nothing interleaved
-    assert all(len(r["chunks"]) <= r["text"].count(". ") + 3 for r in replies)
     finals = {r["text"] for r in replies}
 
     def shows_all_final(page):

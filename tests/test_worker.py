@@ -109,7 +109,8 @@ def test_viewer_polling_the_store_sees_only_sentence_boundaries(store, server, m
     worker = make_worker()
     reply = ask(store, worker)
     seen = []
-    while True:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
         message = store.get(reply.message_id)
         if not seen or seen[-1] != message.text:
             seen.append(message.text)
