@@ -253,6 +253,33 @@ def test_markup_in_messages_and_replies_runs_nothing_and_loads_nothing(open_page
     assert leaving == [], leaving
 
 
+# Counts how often the text of the newest chat message changes on screen.
+COUNT_REDRAWS = """() => {
+    window.__redraws = [];
+    const watch = () => {
+        const all = document.querySelectorAll('[data-testid=stChatMessage]');
+        const last = all[all.length - 1];
+        const text = last ? last.innerText : '';
+        if (text !== window.__lastText) { window.__lastText = text; window.__redraws.push(performance.now()); }
+    };
+    new MutationObserver(watch).observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def test_a_fast_model_is_drawn_at_most_about_twenty_times_a_second(open_page, app, fake):
+    room = "fast"
+    fake.enqueue(Reply(pieces=["tok "] * 3000, delay_s=0.0005))  # 2,000 tokens/s and more
+    asker = open_page(room, "Ada")
+    asker.evaluate(COUNT_REDRAWS)
+    send(asker, "@gpt go fast")
+    wait_until(lambda: stored_reply(app.db, room)["status"] == "complete")
+    wait_until(lambda: assistant_body(asker) == "tok " * 2999 + "tok")
+    redraws = asker.evaluate("() => window.__redraws")
+    streaming_s = (redraws[-1] - redraws[0]) / 1000
+    assert len(redraws) <= streaming_s * 20 * 1.5 + 5, (len(redraws), streaming_s)
+    assert len(redraws) >= 5  # and it did stream, rather than jump to the end
+
+
 # Last, after everything above has run against this app.
 def test_the_key_is_not_in_the_logs_or_the_database(app):
     assert KEY not in app.log_text()
