@@ -287,6 +287,11 @@ def follow(reply: LiveReply) -> None:
         while True:
             text, done = reply.wait(len(shown), timeout=1.0)
             if done:
+                # The last words at once, without the cursor. The rerun that
+                # follows shows the same text from the store, but a rerun also
+                # drops messages not yet sent: give this one a frame to leave.
+                placeholder.markdown(safe_markdown(text))
+                time.sleep(FRAME_S)
                 return
             if text != shown:
                 placeholder.markdown(safe_markdown(text) + CURSOR)

@@ -46,6 +46,7 @@ class Sent:
 
     pieces_sent: int = 0
     text: str = ""  # the text of the pieces sent
+    stamps: list[tuple[float, int]] = field(default_factory=list)  # (time.time(), pieces sent) per piece
     aborted: bool = False  # the client went away before the end
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -166,6 +167,7 @@ def _handler_for(server: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 self._event(_chunk({"content": piece}))
                 sent.pieces_sent += 1
                 sent.text += piece
+                sent.stamps.append((time.time(), sent.pieces_sent))
             for line in reply.raw_lines:
                 self._write(line.encode() + b"\n\n")
             if reply.error_event is not None:
