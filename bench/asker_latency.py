@@ -14,7 +14,6 @@ client, reading the same stream in this process, is the floor.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -68,7 +67,8 @@ def bare_client(server: FakeOpenAI, rate: float, n: int) -> dict:
             received.append(time.time())
     sent = [t for t, _ in server.sent[-1].stamps]
     lags = [(r - s) * 1000 for r, s in zip(received, sent)]
-    return {"first_ms": (received[0] - started) * 1000, "p50": statistics.median(lags),
+    return {"first_ms": (received[0] - started) * 1000, "request_ms": (server.requests[-1]["at"] - started) * 1000,
+            "p50": statistics.median(lags),
             "p95": percentile(lags, 0.95), "last": lags[-1]}
 
 
@@ -105,6 +105,7 @@ def one_reply(browser, app: App, server: FakeOpenAI, rate: float, n: int, path: 
     shown_first = next(t for t, c in seen if c >= 1)
     return {
         "first_ms": shown_first - pressed * 1000,
+        "request_ms": (server.requests[-1]["at"] - pressed) * 1000,
         "p50": statistics.median(lags), "p95": percentile(lags, 0.95),
         "last": lags[-1] if len(lags) == len(stamps) else float("nan"),
         "longest_task_ms": longest, "kb": sent_bytes / 1000, "cpu_s": cpu,
@@ -112,11 +113,8 @@ def one_reply(browser, app: App, server: FakeOpenAI, rate: float, n: int, path: 
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--json", type=Path, help="also write the medians here")
-    args = parser.parse_args()
+def measure(runs: int = 3) -> dict:
+    """Medians per token rate and approach."""
     from playwright.sync_api import sync_playwright
 
     results: dict = {}
@@ -129,27 +127,36 @@ def main() -> None:
             "st.write_stream": (ROOT / "bench" / "write_stream_app.py", "/"),
         }
         for rate, n in RATES:
-            results[rate] = {"bare openai client": [bare_client(server, rate, n) for _ in range(args.runs)]}
+            results[rate] = {"bare openai client": [bare_client(server, rate, n) for _ in range(runs)]}
         for label, (script, path) in apps.items():
             with App(script, env) as app:
                 for rate, n in RATES:
-                    results[rate][label] = [one_reply(browser, app, server, rate, n, path) for _ in range(args.runs)]
+                    results[rate][label] = [one_reply(browser, app, server, rate, n, path) for _ in range(runs)]
         browser.close()
-
-    medians = {
-        rate: {label: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for label, runs in by.items()}
+    return {
+        rate: {label: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for label, rs in by.items()}
         for rate, by in results.items()
     }
-    print(f"median of {args.runs} replies each; latencies in ms from the server sending a token to it being on screen")
-    print(f"{'tokens/s':>8} {'approach':<18} {'first token':>11} {'p50':>7} {'p95':>7} {'last':>7} "
+
+
+def print_table(medians: dict, runs: int) -> None:
+    print(f"median of {runs} replies each, in ms. request: from Enter (or the call) to the server receiving it;")
+    print("first token: from Enter (or the call) to the first word on screen (or received);")
+    print("p50 / p95 / last: from the server sending a token to that token being on screen")
+    print(f"{'tokens/s':>8} {'approach':<18} {'request':>7} {'first token':>11} {'p50':>7} {'p95':>7} {'last':>7} "
           f"{'longest task':>12} {'KB to browser':>13} {'server CPU s':>12} {'redraws':>7}")
     for rate, by in medians.items():
         for label, m in by.items():
-            print(f"{rate:>8,} {label:<18} {m['first_ms']:>11.0f} {m['p50']:>7.0f} {m['p95']:>7.0f} {m['last']:>7.0f} "
-                  f"{m.get('longest_task_ms', 0):>12.0f} {m.get('kb', 0):>13.1f} {m.get('cpu_s', 0):>12.2f} "
-                  f"{m.get('redraws', 0):>7.0f}")
-    if args.json:
-        args.json.write_text(json.dumps(medians, indent=1))
+            print(f"{rate:>8,} {label:<18} {m['request_ms']:>7.0f} {m['first_ms']:>11.0f} {m['p50']:>7.0f} "
+                  f"{m['p95']:>7.0f} {m['last']:>7.0f} {m.get('longest_task_ms', 0):>12.0f} "
+                  f"{m.get('kb', 0):>13.1f} {m.get('cpu_s', 0):>12.2f} {m.get('redraws', 0):>7.0f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    print_table(measure(args.runs), args.runs)
 
 
 if __name__ == "__main__":

@@ -96,24 +96,39 @@ def run_rewrite(tokens: list[str], folder: Path, name: str, per_token: bool) -> 
     return {"bytes": handed, "commits": commits, "seconds": took}
 
 
-def main() -> None:
-    print(f"{'tokens':>7} {'reply bytes':>11} {'approach':>8} {'text bytes':>13} "
-          f"{'per reply byte':>14} {'commits':>7} {'ms':>8}")
+LENGTHS = (200, 2_000, 20_000)
+
+
+def measure(lengths=LENGTHS) -> list[dict]:
+    """One row per reply length and approach."""
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        for count in (200, 2_000, 20_000):
+        for count in lengths:
             tokens = reply_tokens(count)
             size = len("".join(tokens).encode())
+            sentences = sum("".join(tokens).count(mark) for mark in ".!?")
             results = {
                 "append": run_append(tokens, folder),
                 "seed": run_rewrite(tokens, folder, f"seed{count}", per_token=False),
                 "token": run_rewrite(tokens, folder, f"token{count}", per_token=True),
             }
             for name, r in results.items():
-                print(f"{count:>7,} {size:>11,} {name:>8} {r['bytes']:>13,} "
-                      f"{r['bytes'] / size:>14.1f} {r['commits']:>7,} {r['seconds'] * 1000:>8.1f}")
-            sentences = sum("".join(tokens).count(mark) for mark in ".!?")
-            print(f"{'':>7} {sentences} sentences; append persisted {results['append']['sentences']} chunks")
+                rows.append({"tokens": count, "reply_bytes": size, "sentences": sentences, "approach": name,
+                             "bytes": r["bytes"], "commits": r["commits"], "ms": r["seconds"] * 1000})
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'tokens':>7} {'reply bytes':>11} {'sentences':>9} {'approach':>8} {'text bytes':>13} "
+          f"{'per reply byte':>14} {'commits':>7} {'ms':>8}")
+    for r in rows:
+        print(f"{r['tokens']:>7,} {r['reply_bytes']:>11,} {r['sentences']:>9,} {r['approach']:>8} {r['bytes']:>13,} "
+              f"{r['bytes'] / r['reply_bytes']:>14.1f} {r['commits']:>7,} {r['ms']:>8.1f}")
+
+
+def main() -> None:
+    print_table(measure())
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ class FakeOpenAI:
 
     def next_reply(self, body: dict, headers: dict) -> tuple[Reply, Sent]:
         with self._lock:
-            self.requests.append({"headers": headers, "body": body})
+            self.requests.append({"headers": headers, "body": body, "at": time.time()})
             reply = self.queue.popleft() if self.queue else self.default
             sent = Sent()
             self.sent.append(sent)
