@@ -38,6 +38,7 @@ class Reply:
     hang: bool = False  # stop sending after the pieces and wait
     keepalive: bool = False  # after the pieces, send only SSE comments (": ping") every 0.2 s
     echo: int = 0  # if set, the pieces are the words of the last message, this many times
+    tagged: int = 0  # if set, this many words "<tag>w<i>", in sentences of 12, tag = the prompt's last word
 
 
 @dataclass
@@ -158,6 +159,9 @@ def _handler_for(server: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             if reply.echo:
                 words = (body["messages"][-1]["content"] + " ") * reply.echo
                 pieces = [word + " " for word in words.split()]
+            if reply.tagged:
+                tag = body["messages"][-1]["content"].split()[-1]
+                pieces = [f"{tag}w{i}{'.' if i % 12 == 11 else ''} " for i in range(reply.tagged)]
             if reply.empty_deltas:
                 self._event(_chunk({"role": "assistant", "content": ""}))
                 self._event(_chunk({"content": None}))
