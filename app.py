@@ -10,8 +10,9 @@ refresh tick, click or closed tab. Two things keep the page current:
   cut this stream short; a click or a new message does, and the next run
   simply re-attaches.
 - Everyone else's view is refreshed by ``st_autorefresh`` inside that same
-  fragment: a tick reruns only the fragment, which compares the room's version
-  counter and reruns the whole page only when something was stored.
+  fragment: a tick reruns only the fragment, which redraws the replies being
+  written (read again only when the room's version counter moved), and reruns
+  the whole page only once they have settled.
 """
 
 from __future__ import annotations
@@ -265,17 +266,39 @@ def render_notice(message: str, refused_text: str | None) -> None:
 
 
 @st.fragment
-def live_area(room: str, tab: str, seen_version: int, busy: bool) -> None:
-    """The asker's streaming reply and the refresh trigger for everyone else."""
+def live_area(room: str, name: str, tab: str, after_id: int, questions: dict[int, Message]) -> None:
+    """Everything newer than the page's settled history, and the refresh trigger.
+
+    A refresh tick reruns only this: it redraws the messages from the first
+    reply still being written on (usually one reply), so a viewer gets each
+    stored sentence without the page's hundred messages being sent again. Once
+    everything here has settled, one full rerun folds it into the page. The
+    asker's own reply is followed here too, token by token.
+    """
+    _, store, worker = backend()
+    tail = room_tail(store, room, after_id)
+    mine = my_live_reply(worker, room, tab)
+    busy = mine is not None or any(m.status == "streaming" for m in tail)
     with st.container(key="refresh-trigger"):
         st_autorefresh(interval=FAST_REFRESH_MS if busy else SLOW_REFRESH_MS, key="refresh")
-    _, store, worker = backend()
-    reply = my_live_reply(worker, room, tab)
-    if reply is not None:
-        follow(reply)
-        st.rerun()  # show it from the store, where it now is in full
-    if store.version(room) != seen_version:
+    if tail and not busy:
         st.rerun()
+    questions = {**questions, **{m.id: m for m in tail if m.role == "user"}}
+    for message in tail:
+        if mine is None or message.id != mine.message_id:
+            render_message(message, name, tab, questions, worker)
+    if mine is not None:
+        follow(mine)
+        st.rerun()  # show it from the store, where it now is in full
+
+
+def room_tail(store: Store, room: str, after_id: int) -> list[Message]:
+    """The room's messages after ``after_id``, read again only when the room changed."""
+    key = (room, after_id, store.version(room))
+    cached = st.session_state.get("room_tail")
+    if cached is None or cached[0] != key:
+        cached = st.session_state.room_tail = (key, store.recent(room, HISTORY, after_id=after_id))
+    return cached[1]
 
 
 def follow(reply: LiveReply) -> None:
@@ -310,13 +333,15 @@ def main() -> None:
     st.html(HIDE_REFRESH_TRIGGER)
     st.subheader(f"#{room}")
 
-    version = store.version(room)  # read before the history, so no change slips by
     history = store.recent(room, HISTORY)
     mine = my_live_reply(worker, room, tab)
-    questions = {m.id: m for m in history if m.role == "user"}
-    for message in history:
-        if mine is None or message.id != mine.message_id:
-            render_message(message, name, tab, questions, worker)
+    # Settled messages are drawn once per full run; from the first reply still
+    # being written on, live_area draws them and keeps them fresh.
+    split = next((i for i, m in enumerate(history) if m.status == "streaming"), len(history))
+    settled = history[:split]
+    questions = {m.id: m for m in settled if m.role == "user"}
+    for message in settled:
+        render_message(message, name, tab, questions, worker)
     if not history and mine is None:
         st.caption("No messages yet. Say hello, or ask @gpt something.")
     if notice := st.session_state.get("notice"):
@@ -327,9 +352,7 @@ def main() -> None:
         # Outside the fragment on purpose: a click here reruns the page, which
         # preempts the streaming loop at once; a click inside would wait for it.
         controls.button("Stop", icon=":material/stop_circle:", key="stop", on_click=mine.cancel)
-    busy = mine is not None or any(m.status == "streaming" for m in history)
     with live:
-        live_area(room, tab, version, busy)
-
+        live_area(room, name, tab, settled[-1].id if settled else 0, questions)
 
 main()

@@ -366,13 +366,13 @@ class Store:
             raise StoreError(f"no message {message_id}")
         return self._with_text(rows)[0]
 
-    def recent(self, room: str, limit: int = 100) -> list[Message]:
-        """The room's last ``limit`` messages, oldest first."""
+    def recent(self, room: str, limit: int = 100, after_id: int = 0) -> list[Message]:
+        """The room's last ``limit`` messages (newer than ``after_id``), oldest first."""
         rows = list(
             self.db.query(
-                "SELECT * FROM (SELECT * FROM messages WHERE room = ? ORDER BY id DESC LIMIT ?) "
+                "SELECT * FROM (SELECT * FROM messages WHERE room = ? AND id > ? ORDER BY id DESC LIMIT ?) "
                 "ORDER BY id",
-                [check_room(room), limit],
+                [check_room(room), after_id, limit],
             )
         )
         return self._with_text(rows)

@@ -5,7 +5,8 @@ For 5, 10 and 20 viewer sessions with 1, 3 and 5 replies streaming at once
 latency (token sent to token on screen), the viewers' p95 staleness (a sentence
 stored to it being on screen; stored is taken as its last token being sent,
 which precedes the commit by a millisecond or two), the server's CPU as a
-share of one core, and the time the replies took against the model's time.
+share of one core, how busy the whole machine was (the browsers run on it
+too), and the time the replies took against the model's time.
 
     python bench/scale.py
 """
@@ -18,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import CHROMIUM, CHROMIUM_ARGS, ROOT, App
+from common import CHROMIUM, CHROMIUM_ARGS, ROOT, App, machine_busy
 from viewers import ROOM, percentile, seed
 
 from fake_openai import FakeOpenAI, Reply  # noqa: E402
@@ -75,7 +76,7 @@ def run(browser, server: FakeOpenAI, viewers: int, replies: int, db: Path) -> di
             page.evaluate(OBSERVE)
         watchers, askers = pages[:viewers], pages[viewers:]
         time.sleep(2)
-        cpu0, started = app.cpu(), time.monotonic()
+        cpu0, started, machine0 = app.cpu(), time.monotonic(), machine_busy()
         for k, page in enumerate(askers):
             page.fill("[data-testid=stChatInput] textarea", f"@gpt r{k}")
             page.keyboard.press("Enter")
@@ -87,6 +88,8 @@ def run(browser, server: FakeOpenAI, viewers: int, replies: int, db: Path) -> di
             time.sleep(0.2)
         took = time.monotonic() - started
         cpu = (app.cpu() - cpu0) / took * 100
+        machine1 = machine_busy()
+        machine = (machine1[0] - machine0[0]) / (machine1[1] - machine0[1]) * 100
         time.sleep(3)  # the last refresh reaches every viewer
         stamps = {s.text.split("w")[0]: s.stamps for s in server.sent[sent_before:]}
         asker_lags, viewer_lags = [], []
@@ -101,7 +104,7 @@ def run(browser, server: FakeOpenAI, viewers: int, replies: int, db: Path) -> di
             page.context.close()
     return {"viewers": viewers, "replies": replies, "asker_p95": percentile(asker_lags, 0.95),
             "viewer_p50": statistics.median(viewer_lags) if viewer_lags else float("nan"),
-            "viewer_p95": percentile(viewer_lags, 0.95), "cpu": cpu, "took": took, "model_s": TOKENS / RATE}
+            "viewer_p95": percentile(viewer_lags, 0.95), "cpu": cpu, "machine": machine, "took": took, "model_s": TOKENS / RATE}
 
 
 def measure(viewer_counts=(5, 10, 20), reply_counts=(1, 3, 5)) -> list[dict]:
@@ -123,12 +126,13 @@ def measure(viewer_counts=(5, 10, 20), reply_counts=(1, 3, 5)) -> list[dict]:
 def print_header() -> None:
     print(f"{RATE} tokens/s, {TOKENS} tokens per reply, 100 messages in the room; ms unless said")
     print(f"{'viewers':>7} {'replies':>7} {'asker p95':>9} {'viewer p50':>10} {'viewer p95':>10} "
-          f"{'server CPU %':>12} {'replies took s':>14}")
+          f"{'server CPU %':>12} {'machine busy %':>14} {'replies took s':>14}")
 
 
 def print_row(r: dict) -> None:
     print(f"{r['viewers']:>7} {r['replies']:>7} {r['asker_p95']:>9.0f} {r['viewer_p50']:>10.0f} "
-          f"{r['viewer_p95']:>10.0f} {r['cpu']:>12.0f} {r['took']:>8.1f} / {r['model_s']:.0f}", flush=True)
+          f"{r['viewer_p95']:>10.0f} {r['cpu']:>12.0f} {r['machine']:>14.0f} {r['took']:>8.1f} / {r['model_s']:.0f}",
+          flush=True)
 
 
 def main() -> None:
