@@ -239,7 +239,8 @@ def demo_reply(messages: list[dict[str, str]]) -> str:
     """What the demo model says: an honest answer about itself, using the question."""
     asked = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
     name, _, question = asked.partition(": ") if ": " in asked else ("", "", asked)
-    question = " ".join(MENTION.sub("", question).split()) or "nothing in particular"
+    question = " ".join(MENTION.sub("", question).split())
+    question = re.sub(r" ([,.!?;:])", r"\1", question) or "nothing in particular"  # "Hello @gpt, hi"
     if len(question) > 80:
         question = question[:79].rstrip() + "…"
     greeting = f"Hi {name}! " if name else "Hi! "

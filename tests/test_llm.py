@@ -175,6 +175,11 @@ def test_demo_reply_answers_the_question_deterministically_in_sentences():
     assert len(re.findall(r"[.!?](?:\s|$)", text)) >= 5
 
 
+def test_demo_reply_quotes_the_question_without_the_mention():
+    text = demo_reply([{"role": "user", "content": "Ada: Hello @gpt, what can you do?"}])
+    assert "“Hello, what can you do?”" in text
+
+
 def test_demo_model_streams_at_the_configured_rate():
     model = DemoModel(tokens_per_s=200)
     started = time.monotonic()
