@@ -1,0 +1,102 @@
+"""What the server sends a session, read off the websocket (tests/wire_client.py).
+
+The app against `streamlit run`, the real openai client and the local test
+server; the session speaks Streamlit's protocol as the page does.
+"""
+
+import itertools
+import time
+import uuid
+
+import pytest
+
+from fake_openai import FakeOpenAI, Reply
+from live import KEY, StreamlitApp, as_pieces, stored_reply, wait_until
+from store import Store
+from wire_client import TAGGED_WORD, TickClock, WireSession
+
+
+@pytest.fixture(scope="module")
+def fake():
+    with FakeOpenAI() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def app(fake, tmp_path_factory):
+    app = StreamlitApp(
+        tmp_path_factory.mktemp("app"),
+        {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": KEY, "CHAT_IDLE_TIMEOUT_S": "5"},
+    ).start()
+    yield app
+    app.stop()
+
+
+@pytest.fixture
+def connect(app):
+    clock, sessions = TickClock(), []
+
+    def connect(room: str, name: str) -> WireSession:
+        session = WireSession(app.url, f"room={room}&name={name}&tab={uuid.uuid4().hex[:16]}", clock)
+        sessions.append(session)
+        session.wait_ready()
+        return session
+
+    yield connect
+    for session in sessions:
+        session.close()
+    clock.stop()
+
+
+def fill(db, room: str, questions: int) -> None:
+    store = Store(db)
+    for i in range(questions):
+        store.add_message(room, "Ada", f"Question {i}")
+        reply = store.start_reply(room)
+        store.finish_reply(reply.id, "complete", last_chunk=f"Answer {i}.")
+
+
+def answered(app, room: str, tag: str, words: int = 48) -> bool:
+    """Whether the newest reply in ``room`` is complete, with ``words`` words tagged ``tag``."""
+    reply = stored_reply(app.db, room)
+    return reply["status"] == "complete" and f"{tag}w{words - 1}" in reply["text"]
+
+
+def test_asking_resends_only_the_live_area_not_the_room(app, fake, connect):
+    """The asker's first token must not wait for the browser to redraw the whole room."""
+    fill(app.db, "full", 30)  # 60 messages, three elements each
+    asker = connect("full", "Ada")
+    fake.enqueue(Reply(tagged=48, delay_s=0.02))
+    asked = len(asker.elements)
+    asker.chat("@gpt r1")
+    wait_until(lambda: answered(app, "full", "r1"))
+    first_token = min(asker.seen["r1"].values())
+    before = [path for at, path, _ in asker.elements[asked:] if at <= first_token]
+    # question, reply bubble, Stop, refresh trigger: a dozen elements, all in the live area
+    assert 0 < len(before) < 20
+    live_area = before[0][:2]
+    assert all(path[:2] == live_area for path in before)
+    # and the reply is drawn token by token there, before the page folds it in
+    assert len(asker.seen["r1"]) > 4
+
+
+def test_a_viewer_gets_the_stored_chunks_from_ticks_of_the_live_area(app, fake, connect):
+    fill(app.db, "watched", 30)
+    viewer, asker = connect("watched", "Bea"), connect("watched", "Ada")
+    sentences = [" ".join(f"r2w{i}" for i in range(n, n + 12)) + " and so on." for n in range(0, 72, 12)]
+    fake.enqueue(Reply(pieces=as_pieces(sentences), delay_s=0.1))  # 6 sentences, 9 s
+    asked = time.time()
+    asker.chat("@gpt r2")
+    wait_until(lambda: answered(app, "watched", "r2", words=72), timeout=30)
+    wait_until(lambda: 72 in viewer.seen.get("r2", {}), timeout=10)
+    # The viewer saw the reply grow in the steps it was stored in, never token by token.
+    chunks = stored_reply(app.db, "watched")["chunks"]
+    stored_steps = list(itertools.accumulate(len(TAGGED_WORD.findall(chunk)) for chunk in chunks))
+    steps = sorted(viewer.seen["r2"])
+    assert len(steps) >= 3 and set(steps) <= set(stored_steps), (steps, stored_steps)
+    # Each step came from a refresh tick that sent a few elements, not the 180 of the room.
+    last = viewer.seen["r2"][steps[-2]]
+    during = [path for at, path, _ in viewer.elements if asked <= at <= last]
+    ticks = [at for at in viewer.runs if asked <= at <= last]
+    assert 0 < len(during) < 20 * len(ticks)
+    assert all(path[:2] == during[0][:2] for path in during)

@@ -1,0 +1,172 @@
+"""A Streamlit session without a browser: the page's side of the websocket, for load.
+
+A Chromium page costs tens of milliseconds of CPU for every update it renders;
+twenty of them on the server's own two cores measure the browsers, not the
+server. A ``WireSession`` speaks the same protocol as the page (protobuf
+BackMsg / ForwardMsg over ``/_stcore/stream``) and does what the page does for
+this app: it opens the script with a query string, answers the
+``st_autorefresh`` component as its iframe would (a tick ``interval`` ms
+after the component was last drawn, rerunning the component's fragment), and
+can submit the chat input. It records every element it is sent, and when
+each tagged word count first arrived in a Markdown element: what a browser
+would start drawing then. Used by the scale benchmark and by tests of what the
+server sends.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import re
+import threading
+import time
+from urllib.parse import urlsplit
+
+from websockets.sync.client import connect
+
+from streamlit.proto.BackMsg_pb2 import BackMsg
+from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+from streamlit.proto.WidgetStates_pb2 import WidgetState
+
+TAGGED_WORD = re.compile(r"\b(r\d+)w\d+")
+
+
+class WireSession:
+    """One browser tab's worth of protocol, driven from a background thread."""
+
+    def __init__(self, url: str, query: str, clock: TickClock):
+        parts = urlsplit(url)
+        self.query = query
+        self.seen: dict[str, dict[int, float]] = {}  # tag -> word count -> first arrival (epoch s)
+        self.elements: list[tuple[float, tuple[int, ...], str]] = []  # (arrival, delta path, element type)
+        self.bytes_received = 0
+        self.messages = 0
+        self.runs: list[float] = []  # when each script run (full or fragment) finished
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._refresh: tuple[str, int, str] | None = None  # component widget id, interval ms, fragment id
+        self._ticks = 0
+        self._chat_input_id: str | None = None
+        self._ready = threading.Event()
+        self._ws = connect(f"ws://{parts.netloc}/_stcore/stream", subprotocols=["streamlit"],
+                           max_size=None, open_timeout=30, legacy=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self._rerun()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Until the first run has finished and the chat input is known."""
+        if not self._ready.wait(timeout):
+            raise TimeoutError("the first script run did not finish")
+
+    def chat(self, text: str) -> None:
+        """Submit ``text`` in the chat input, as pressing Enter does."""
+        state = WidgetState(id=self._chat_input_id)
+        state.chat_input_value.data = text
+        self._rerun([state])
+
+    def close(self) -> None:
+        self._clock.forget(self)
+        self._ws.close()
+
+    # The page's side -----------------------------------------------------------
+
+    def _rerun(self, widgets: list[WidgetState] = (), fragment_id: str = "") -> None:
+        message = BackMsg()
+        message.rerun_script.query_string = self.query
+        message.rerun_script.widget_states.widgets.extend(widgets)
+        message.rerun_script.fragment_id = fragment_id
+        self._ws.send(message.SerializeToString())
+
+    def tick(self) -> None:
+        """What the autorefresh iframe does when its interval runs out."""
+        with self._lock:
+            if self._refresh is None:
+                return
+            widget_id, _, fragment_id = self._refresh
+            self._ticks += 1
+            state = WidgetState(id=widget_id, json_value=json.dumps(self._ticks))
+        try:
+            self._rerun([state], fragment_id)
+        except Exception:  # closed meanwhile
+            pass
+
+    def _read(self) -> None:
+        try:
+            for frame in self._ws:
+                self._handle(frame, time.time())
+        except Exception:  # the connection closed
+            pass
+
+    def _handle(self, frame: bytes, now: float) -> None:
+        self.bytes_received += len(frame)
+        self.messages += 1
+        message = ForwardMsg()
+        message.ParseFromString(frame)
+        kind = message.WhichOneof("type")
+        if kind == "script_finished":
+            self.runs.append(now)
+            if self._chat_input_id:
+                self._ready.set()
+            return
+        if kind != "delta" or message.delta.WhichOneof("type") != "new_element":
+            return
+        element = message.delta.new_element
+        which = element.WhichOneof("type")
+        self.elements.append((now, tuple(message.metadata.delta_path), which))
+        if which == "markdown":
+            self._note_words(element.markdown.body, now)
+        elif which == "chat_input":
+            self._chat_input_id = element.chat_input.id
+        elif which == "component_instance" and "autorefresh" in element.component_instance.component_name:
+            args = json.loads(element.component_instance.json_args)
+            with self._lock:
+                self._refresh = (element.component_instance.id, int(args["interval"]), message.delta.fragment_id)
+            # debounce=True: every render of the component restarts its interval
+            self._clock.schedule(self, now + int(args["interval"]) / 1000)
+
+    def _note_words(self, body: str, now: float) -> None:
+        counts: dict[str, int] = {}
+        for match in TAGGED_WORD.finditer(body):
+            counts[match[1]] = counts.get(match[1], 0) + 1
+        for tag, count in counts.items():
+            self.seen.setdefault(tag, {}).setdefault(count, now)
+
+
+class TickClock:
+    """One thread that fires every session's autorefresh ticks on time."""
+
+    def __init__(self) -> None:
+        self._due: dict[WireSession, float] = {}
+        self._heap: list[tuple[float, int, WireSession]] = []
+        self._changed = threading.Condition()
+        self._stopped = False
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def schedule(self, session: WireSession, at: float) -> None:
+        with self._changed:
+            self._due[session] = at
+            heapq.heappush(self._heap, (at, id(session), session))
+            self._changed.notify()
+
+    def forget(self, session: WireSession) -> None:
+        with self._changed:
+            self._due.pop(session, None)
+
+    def stop(self) -> None:
+        with self._changed:
+            self._stopped = True
+            self._changed.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._stopped and (not self._heap or self._heap[0][0] > time.time()):
+                    self._changed.wait(self._heap[0][0] - time.time() if self._heap else None)
+                if self._stopped:
+                    return
+                at, _, session = heapq.heappop(self._heap)
+                if self._due.get(session) != at:
+                    continue  # rescheduled since (drawn again) or closed
+                del self._due[session]
+            session.tick()
