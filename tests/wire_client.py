@@ -78,14 +78,15 @@ class WireSession:
         message.rerun_script.fragment_id = fragment_id
         self._ws.send(message.SerializeToString())
 
-    def tick(self) -> None:
-        """What the autorefresh iframe does when its interval runs out."""
+    def tick(self, due: float) -> None:
+        """What the autorefresh iframe does when its interval (a setInterval) runs out."""
         with self._lock:
             if self._refresh is None:
                 return
-            widget_id, _, fragment_id = self._refresh
+            widget_id, interval_ms, fragment_id = self._refresh
             self._ticks += 1
             state = WidgetState(id=widget_id, json_value=json.dumps(self._ticks))
+        self._clock.schedule(self, due + interval_ms / 1000)
         try:
             self._rerun([state], fragment_id)
         except Exception:  # closed meanwhile
@@ -120,10 +121,13 @@ class WireSession:
             self._chat_input_id = element.chat_input.id
         elif which == "component_instance" and "autorefresh" in element.component_instance.component_name:
             args = json.loads(element.component_instance.json_args)
+            refresh = (element.component_instance.id, int(args["interval"]), message.delta.fragment_id)
             with self._lock:
-                self._refresh = (element.component_instance.id, int(args["interval"]), message.delta.fragment_id)
-            # debounce=True: every render of the component restarts its interval
-            self._clock.schedule(self, now + int(args["interval"]) / 1000)
+                changed, self._refresh = refresh != self._refresh, refresh
+            # The iframe restarts its interval when the interval changes, and
+            # with debounce (the default) at every render.
+            if changed or args.get("debounce", True):
+                self._clock.schedule(self, now + refresh[1] / 1000)
 
     def _note_words(self, body: str, now: float) -> None:
         counts: dict[str, int] = {}
@@ -169,4 +173,4 @@ class TickClock:
                 if self._due.get(session) != at:
                     continue  # rescheduled since (drawn again) or closed
                 del self._due[session]
-            session.tick()
+            session.tick(at)
