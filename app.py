@@ -291,7 +291,8 @@ def live_area(room: str, name: str, tab: str, after_id: int, questions: dict[int
     busy = mine is not None or any(m.status == "streaming" for m in tail)
     with st.container(key="refresh-trigger"):
         interval = RESUME_MS if mine is not None and page_run else FAST_REFRESH_MS if busy else SLOW_REFRESH_MS
-        st_autorefresh(interval=interval, key="refresh")
+        # No debounce: ticks keep their beat instead of restarting at each redraw.
+        st_autorefresh(interval=interval, debounce=False, key="refresh")
     if tail and not busy:
         st.rerun()
     questions = {**questions, **{m.id: m for m in tail if m.role == "user"}}
