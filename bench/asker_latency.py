@@ -1,9 +1,10 @@
 """How quickly the asker sees a streaming reply, against st.write_stream inside the script run.
 
 A local OpenAI-compatible server streams replies at 50, 500 and 2,000 tokens/s
-(each token a distinct word, stamped with the time it was sent). Chromium shows
-the page; a MutationObserver notes, at the next animation frame, how many words
-are on screen. For every token: time on screen minus time sent. Also, per
+(each token a distinct word, stamped with the time it was sent), into an empty
+room and into a room of 100 messages (the baseline's session starts with the
+same 100). Chromium shows the page; a MutationObserver notes, at the next
+animation frame, how many words are on screen. For every token: time on screen minus time sent. Also, per
 reply: the longest gap between two animation frames (the main thread's
 longest stretch of work), bytes on
 the wire to the browser, and the Streamlit server's CPU time. The bare openai
@@ -22,12 +23,14 @@ import time
 from pathlib import Path
 
 from common import CHROMIUM, CHROMIUM_ARGS, ROOT, App
+from viewers import seed
 
 from fake_openai import FakeOpenAI, Reply  # noqa: E402
 
 import openai  # noqa: E402
 
 RATES = [(50, 250), (500, 1_000), (2_000, 2_000)]  # tokens per second, tokens per reply
+ROOM_SIZES = (0, 100)  # messages already in the room
 OBSERVE = """() => {
     window.__seen = [];
     const words = () => {
@@ -77,9 +80,12 @@ def bare_client(server: FakeOpenAI, rate: float, n: int) -> dict:
             "p95": percentile(lags, 0.95), "last": lags[-1]}
 
 
-def one_reply(browser, app: App, server: FakeOpenAI, rate: float, n: int, path: str) -> dict:
+def one_reply(browser, app: App, server: FakeOpenAI, rate: float, n: int, path: str, size: int) -> dict:
+    room = f"r{rate}x{time.monotonic_ns()}"  # a new room each time
+    if app.script.name == "app.py" and size:
+        seed(Path(app.env["CHAT_DB_PATH"]), room, size)
     page = browser.new_context(viewport={"width": 1100, "height": 800}).new_page()
-    page.goto(app.url + path.format(room=f"r{rate}x{time.monotonic_ns()}"))
+    page.goto(app.url + path.format(room=room))
     page.wait_for_selector("[data-testid=stChatInput] textarea", timeout=30_000)
     time.sleep(1.0)
     page.evaluate(OBSERVE)
@@ -120,28 +126,36 @@ def one_reply(browser, app: App, server: FakeOpenAI, rate: float, n: int, path: 
 
 
 def measure(runs: int = 3) -> dict:
-    """Medians per token rate and approach."""
+    """Medians per room size, token rate and approach."""
     from playwright.sync_api import sync_playwright
 
-    results: dict = {}
+    results: dict = {size: {rate: {} for rate, _ in RATES} for size in ROOM_SIZES}
     with FakeOpenAI() as server, tempfile.TemporaryDirectory() as tmp, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         env = {"OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": "x", "CHAT_DB_PATH": f"{tmp}/chat.db",
                "CHAT_REPLIES_PER_MINUTE": "1000"}
-        apps = {
-            "this app": (ROOT / "app.py", "/?room={room}&name=Ada"),  # a new room each time
-            "st.write_stream": (ROOT / "bench" / "write_stream_app.py", "/"),
-        }
         for rate, n in RATES:
-            results[rate] = {"bare openai client": [bare_client(server, rate, n) for _ in range(runs)]}
-        for label, (script, path) in apps.items():
-            with App(script, env) as app:
-                for rate, n in RATES:
-                    results[rate][label] = [one_reply(browser, app, server, rate, n, path) for _ in range(runs)]
+            bare = [bare_client(server, rate, n) for _ in range(runs)]
+            for size in ROOM_SIZES:
+                results[size][rate]["bare openai client"] = bare
+        for size in ROOM_SIZES:
+            apps = {
+                "this app": (ROOT / "app.py", "/?room={room}&name=Ada"),
+                "st.write_stream": (ROOT / "bench" / "write_stream_app.py", "/"),
+            }
+            for label, (script, path) in apps.items():
+                with App(script, {**env, "BENCH_HISTORY": str(size)}) as app:
+                    for rate, n in RATES:
+                        results[size][rate][label] = [
+                            one_reply(browser, app, server, rate, n, path, size) for _ in range(runs)
+                        ]
         browser.close()
     return {
-        rate: {label: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for label, rs in by.items()}
-        for rate, by in results.items()
+        size: {
+            rate: {label: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for label, rs in by.items()}
+            for rate, by in by_rate.items()
+        }
+        for size, by_rate in results.items()
     }
 
 
@@ -149,13 +163,14 @@ def print_table(medians: dict, runs: int) -> None:
     print(f"median of {runs} replies each, in ms. request: from Enter (or the call) to the server receiving it;")
     print("first token: from Enter (or the call) to the first word on screen (or received);")
     print("p50 / p95 / last: from the server sending a token to that token being on screen")
-    print(f"{'tokens/s':>8} {'approach':<18} {'request':>7} {'first token':>11} {'p50':>7} {'p95':>7} {'last':>7} "
-          f"{'longest frame':>13} {'KB to browser':>13} {'server CPU s':>12} {'redraws':>7}")
-    for rate, by in medians.items():
-        for label, m in by.items():
-            print(f"{rate:>8,} {label:<18} {m['request_ms']:>7.0f} {m['first_ms']:>11.0f} {m['p50']:>7.0f} "
-                  f"{m['p95']:>7.0f} {m['last']:>7.0f} {m.get('longest_frame_ms', 0):>13.0f} "
-                  f"{m.get('kb', 0):>13.1f} {m.get('cpu_s', 0):>12.2f} {m.get('redraws', 0):>7.0f}")
+    print(f"{'messages':>8} {'tokens/s':>8} {'approach':<18} {'request':>7} {'first token':>11} {'p50':>7} {'p95':>7} "
+          f"{'last':>7} {'longest frame':>13} {'KB to browser':>13} {'server CPU s':>12} {'redraws':>7}")
+    for size, by_rate in medians.items():
+        for rate, by in by_rate.items():
+            for label, m in by.items():
+                print(f"{size:>8} {rate:>8,} {label:<18} {m['request_ms']:>7.0f} {m['first_ms']:>11.0f} "
+                      f"{m['p50']:>7.0f} {m['p95']:>7.0f} {m['last']:>7.0f} {m.get('longest_frame_ms', 0):>13.0f} "
+                      f"{m.get('kb', 0):>13.1f} {m.get('cpu_s', 0):>12.2f} {m.get('redraws', 0):>7.0f}")
 
 
 def main() -> None:

@@ -47,16 +47,19 @@ def plot_asker(medians: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rates = sorted(medians)
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for label, style in (("this app", "-"), ("st.write_stream", "--")):
-        for key, marker in (("p50", "o"), ("p95", "s"), ("last", "^")):
-            ax.plot(rates, [medians[r][label][key] for r in rates], style, marker=marker, label=f"{label}: {key}")
-    ax.set(xscale="log", xlabel="tokens per second from the model",
-           ylabel="ms from token sent to token on screen", title="The asker's view")
-    ax.set_xticks(rates, [f"{r:,}" for r in rates])
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    fig, axes = plt.subplots(1, len(medians), figsize=(11, 4.2), dpi=120, sharey=True)
+    for ax, (size, by_rate) in zip(axes, medians.items()):
+        rates = sorted(by_rate)
+        for label, style in (("this app", "-"), ("st.write_stream", "--")):
+            for key, marker in (("first_ms", "v"), ("p95", "s"), ("last", "^")):
+                name = "first token after Enter" if key == "first_ms" else key
+                ax.plot(rates, [by_rate[r][label][key] for r in rates], style, marker=marker, label=f"{label}: {name}")
+        ax.set(xscale="log", xlabel="tokens per second from the model", title=f"{size} messages in the room")
+        ax.set_xticks(rates, [f"{r:,}" for r in rates])
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("ms (first token: from Enter; others: from token sent)")
+    axes[-1].legend(fontsize=7, ncol=2)
+    fig.suptitle("The asker's view")
     fig.tight_layout()
     fig.savefig(path)
 
@@ -86,7 +89,8 @@ def main() -> None:
 
     print("\n4. Scale")
     scale.print_header()
-    scale.measure((5, 20) if args.quick else (5, 10, 20), (1, 5) if args.quick else (1, 3, 5))
+    scale.measure((5, 20) if args.quick else (5, 10, 20), (1, 5) if args.quick else (1, 3, 5),
+                  (40,) if args.quick else (40, 80))
     print(f"\nplots: {DOCS / 'perf-db-bytes.png'}, {DOCS / 'perf-asker-latency.png'}")
 
 

@@ -49,11 +49,12 @@ OBSERVE = """() => {
 }"""
 
 
-def seed(db_path: Path) -> None:
+def seed(db_path: Path, room: str = ROOM, messages: int = 100) -> None:
+    """``messages`` settled messages in ``room``: questions and replies, taking turns."""
     store = Store(db_path)
-    for i in range(50):
-        store.add_message(ROOM, "Ada", f"Message {i}: a few words about nothing in particular, to fill the room.")
-        reply = store.start_reply(ROOM)
+    for i in range(messages // 2):
+        store.add_message(room, "Ada", f"Message {i}: a few words about nothing in particular, to fill the room.")
+        reply = store.start_reply(room)
         store.finish_reply(reply.id, "complete", last_chunk=f"Reply {i}. " + "Some sentence of an answer. " * 6)
 
 
