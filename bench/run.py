@@ -1,7 +1,7 @@
 """Every benchmark in one run, its tables printed and its two plots drawn into docs/.
 
-    python bench/run.py            # about 15 minutes on 2 cores
-    python bench/run.py --quick    # fewer repeats and combinations, about 5 minutes
+    python bench/run.py            # about 30 minutes on 2 cores
+    python bench/run.py --quick    # fewer repeats and combinations, about 10 minutes
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ def plot_asker(medians: dict, path: Path) -> None:
             for key, marker in (("first_ms", "v"), ("p95", "s"), ("last", "^")):
                 name = "first token after Enter" if key == "first_ms" else key
                 ax.plot(rates, [by_rate[r][label][key] for r in rates], style, marker=marker, label=f"{label}: {name}")
+        ax.plot(rates, [by_rate[r]["bare openai client"]["first_ms"] + 100 for r in rates], ":", color="gray",
+                label="target for the first token: bare client + 100 ms")
         ax.set(xscale="log", xlabel="tokens per second from the model", title=f"{size} messages in the room")
         ax.set_xticks(rates, [f"{r:,}" for r in rates])
         ax.grid(True, alpha=0.3)
