@@ -14,10 +14,11 @@ refresh tick, click or closed tab. The page is drawn in two parts:
 
 Sending a message that asks @gpt reruns only ``live_area`` too, so the first
 token is not queued behind a redraw of the whole room. The fragment then
-follows the worker's in-memory text, redrawing at most every 50 ms, in short
-slices: a widget in a fragment (the Stop button, a refresh tick) does not
-interrupt a running fragment, so each slice ends with a rerun of the fragment
-that lets a queued click in.
+follows the worker's in-memory text, redrawing at most every 50 ms. Refresh
+ticks cannot cut that short: a widget inside a fragment queues its rerun
+instead of interrupting the run. The Stop button sits outside the fragment on
+purpose, since its click does interrupt; it is always drawn, and shown only
+while the page holds the tab's own live reply.
 """
 
 from __future__ import annotations
@@ -42,9 +43,7 @@ TAB_TOKEN = re.compile(r"[0-9a-f]{16}")
 HISTORY = 100  # messages shown
 FAST_REFRESH_MS = 1_000  # while a reply in the room is being written
 SLOW_REFRESH_MS = 5_000  # while the room is idle
-RESUME_MS = 50  # after a full run, the fragment takes over a reply being followed
 FRAME_S = 0.05  # at most one redraw of a streaming reply per 50 ms
-SLICE_S = 0.3  # how long a Stop click may wait for the fragment to let it in
 CURSOR = "▌"
 ASSISTANT_AVATAR = ":material/smart_toy:"  # nobody else can have it: the name GPT is reserved
 OWN_AVATAR = "user"
@@ -53,8 +52,13 @@ STATUS_NOTES = {
     "stopped": "⏹ Stopped before the end.",
     "interrupted": "⚠️ Interrupted: the server restarted while this reply was being written.",
 }
-# The refresh trigger is an invisible iframe; keep it from adding a gap to the page.
-HIDE_REFRESH_TRIGGER = "<style>.st-key-refresh-trigger { position: absolute; width: 0; height: 0; overflow: hidden; }</style>"
+PAGE_STYLE = """<style>
+/* The refresh trigger is an invisible iframe; keep it from adding a gap to the page. */
+.st-key-refresh-trigger { position: absolute; width: 0; height: 0; overflow: hidden; }
+/* Stop is drawn by every full run, outside live_area, and shown only while
+   live_area holds this tab's own reply, which may start in a fragment run. */
+.stApp:not(:has(.st-key-my-reply)) .st-key-stop { display: none; }
+</style>"""
 ADJECTIVES = "Brave Calm Clever Curious Eager Gentle Happy Jolly Kind Lively Lucky Merry Quick Sunny Swift Witty".split()
 ANIMALS = "Badger Crane Dolphin Falcon Fox Heron Koala Lynx Marten Otter Owl Panda Puffin Robin Seal Wren".split()
 
@@ -284,34 +288,23 @@ def live_area(room: str, name: str, tab: str, after_id: int, questions: dict[int
     Once everything here has settled, one full rerun folds it into the page.
     The asker's own reply is followed here, token by token.
     """
-    page_run = st.session_state.pop("page_run", False)  # set by main(): part of a full run
     _, store, worker = backend()
     tail = room_tail(store, room, after_id)
     mine = my_live_reply(worker, room, tab)
     busy = mine is not None or any(m.status == "streaming" for m in tail)
     with st.container(key="refresh-trigger"):
-        interval = RESUME_MS if mine is not None and page_run else FAST_REFRESH_MS if busy else SLOW_REFRESH_MS
         # No debounce: ticks keep their beat instead of restarting at each redraw.
-        st_autorefresh(interval=interval, debounce=False, key="refresh")
+        st_autorefresh(interval=FAST_REFRESH_MS if busy else SLOW_REFRESH_MS, debounce=False, key="refresh")
     if tail and not busy:
         st.rerun()
     questions = {**questions, **{m.id: m for m in tail if m.role == "user"}}
     for message in tail:
         if mine is None or message.id != mine.message_id:
             render_message(message, name, tab, questions, worker)
-    if mine is None:
-        return
-    bubble = st.container()
-    st.button("Stop", icon=":material/stop_circle:", key="stop", on_click=mine.cancel)
-    with bubble:
-        # A full run cannot let a Stop click in (the click would wait for it),
-        # so it draws the reply once and the refresh trigger, due in RESUME_MS,
-        # hands it over to a fragment run.
-        done = follow(mine, 0 if page_run else SLICE_S)
-    if done:
+    if mine is not None:
+        with st.container(key="my-reply"):
+            follow(mine)
         st.rerun()  # show it from the store, where it now is in full
-    if not page_run:
-        st.rerun(scope="fragment")  # lets a queued Stop click in, then follows on
 
 
 def room_tail(store: Store, room: str, after_id: int) -> list[Message]:
@@ -323,31 +316,31 @@ def room_tail(store: Store, room: str, after_id: int) -> list[Message]:
     return cached[1]
 
 
-def follow(reply: LiveReply, seconds: float) -> bool:
-    """Draw the reply's text as it grows, at most once per FRAME_S, for ``seconds``.
-
-    Returns whether the reply has ended.
-    """
+def follow(reply: LiveReply) -> None:
+    """Draw the reply's text as it grows, at most once per FRAME_S, until it ends."""
     with st.chat_message("assistant", avatar=ASSISTANT_AVATAR):
         st.caption("**GPT** · writing…")
         placeholder = st.empty()
-        shown = None
-        until = time.monotonic() + seconds
+        shown = ""
         while True:
-            text, done = reply.wait(len(shown or ""), timeout=max(0.0, until - time.monotonic()))
+            text, done = reply.wait(len(shown), timeout=1.0)
             if done:
                 # The last words at once, without the cursor. The rerun that
                 # follows shows the same text from the store, but a rerun also
                 # drops messages not yet sent: give this one a frame to leave.
                 placeholder.markdown(safe_markdown(text))
                 time.sleep(FRAME_S)
-                return True
-            if shown is not None and time.monotonic() >= until:
-                return False  # the next run draws the text from here on
+                return
             if text != shown:
                 placeholder.markdown(safe_markdown(text) + CURSOR)
                 shown = text
             time.sleep(FRAME_S)  # tokens arriving meanwhile are drawn together
+
+
+def stop(worker: ReplyWorker, room: str, tab: str) -> None:
+    """Stop button callback: stop this tab's newest live reply, if it is still running."""
+    if (mine := my_live_reply(worker, room, tab)) is not None:
+        mine.cancel()
 
 
 def main() -> None:
@@ -359,7 +352,7 @@ def main() -> None:
         key="chat", on_submit=send, args=(worker, room, name, tab),
     )
     render_sidebar(settings, worker, room, name)
-    st.html(HIDE_REFRESH_TRIGGER)
+    st.html(PAGE_STYLE)
     st.subheader(f"#{room}")
 
     history = store.recent(room, HISTORY)
@@ -376,7 +369,10 @@ def main() -> None:
     if notice := st.session_state.get("notice"):
         render_notice(*notice)
 
-    st.session_state.page_run = True
-    live_area(room, name, tab, settled[-1].id if settled else 0, questions)
+    live = st.container()
+    # Drawn before live_area, which may follow a reply until it ends.
+    st.button("Stop", icon=":material/stop_circle:", key="stop", on_click=stop, args=(worker, room, tab))
+    with live:
+        live_area(room, name, tab, settled[-1].id if settled else 0, questions)
 
 main()
