@@ -354,6 +354,11 @@ def main() -> None:
     render_sidebar(settings, worker, room, name)
     st.html(PAGE_STYLE)
     st.subheader(f"#{room}")
+    # Fixed places: live_area, and the refresh trigger in it, keep their
+    # position as the history grows. A trigger that moves is loaded anew.
+    settled_area, live = st.container(), st.container()
+    # Drawn before live_area, which may follow a reply until it ends.
+    st.button("Stop", icon=":material/stop_circle:", key="stop", on_click=stop, args=(worker, room, tab))
 
     history = store.recent(room, HISTORY)
     mine = my_live_reply(worker, room, tab)
@@ -362,17 +367,15 @@ def main() -> None:
     split = next((i for i, m in enumerate(history) if m.status == "streaming"), len(history))
     settled = history[:split]
     questions = {m.id: m for m in settled if m.role == "user"}
-    for message in settled:
-        render_message(message, name, tab, questions, worker)
-    if not history and mine is None:
-        st.caption("No messages yet. Say hello, or ask @gpt something.")
-    if notice := st.session_state.get("notice"):
-        render_notice(*notice)
-
-    live = st.container()
-    # Drawn before live_area, which may follow a reply until it ends.
-    st.button("Stop", icon=":material/stop_circle:", key="stop", on_click=stop, args=(worker, room, tab))
+    with settled_area:
+        for message in settled:
+            render_message(message, name, tab, questions, worker)
+        if not history and mine is None:
+            st.caption("No messages yet. Say hello, or ask @gpt something.")
+        if notice := st.session_state.get("notice"):
+            render_notice(*notice)
     with live:
         live_area(room, name, tab, settled[-1].id if settled else 0, questions)
+
 
 main()

@@ -23,6 +23,7 @@ from live import (
     require_chromium,
     send,
     stored_messages,
+    stored_replies,
     stored_reply,
     wait_until,
 )
@@ -116,6 +117,25 @@ def test_asker_sees_tokens_and_the_other_session_sees_sentences(open_page, app, 
     assert viewer.input_value(CHAT_INPUT) == "a draft I am still typing"
     assert viewer.evaluate("() => document.activeElement.tagName") == "TEXTAREA"
     assert shot_taken
+
+
+def test_the_refresh_trigger_is_loaded_once_while_replies_come_and_settle(open_page, app, fake):
+    """The trigger keeps its place in the page; a trigger that moves is loaded anew (82 KB of script)."""
+    asker, viewer = open_page("steady", "Ada"), open_page("steady", "Bob")
+    loads = []
+    for page in (asker, viewer):
+        page.on("request", lambda request: loads.append(request.url) if "autorefresh" in request.url else None)
+    for question in ("@gpt one", "a plain message", "@gpt two"):
+        fake.enqueue(Reply(pieces=as_pieces(["A short reply."] * 3), delay_s=0.05))
+        send(asker, question)
+        wait_until(lambda: all(m["caption"].find("writing") < 0 for m in messages(viewer))
+                   and any(question == m["body"] for m in messages(viewer)))
+    wait_until(lambda: len(stored_replies(app.db, "steady")) == 2
+               and all(r["status"] == "complete" for r in stored_replies(app.db, "steady")))
+    for page in (asker, viewer):
+        wait_until(lambda: sum(m["body"] == "A short reply. A short reply. A short reply." for m in messages(page)) == 2)
+    asker.wait_for_timeout(1_500)  # a settled room's next tick, and the events of the last second
+    assert loads == []
 
 
 def test_stop_keeps_the_partial_text_for_everyone(open_page, app, fake):
