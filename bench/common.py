@@ -50,7 +50,11 @@ class CountingProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            server = socket.create_connection(("127.0.0.1", self.target_port))
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:  # the app has stopped; a browser is still reconnecting
+                client.close()
+                continue
             for end in (client, server):  # relay each message at once, as the server itself does
                 end.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
