@@ -354,9 +354,10 @@ def main() -> None:
     render_sidebar(settings, worker, room, name)
     st.html(PAGE_STYLE)
     st.subheader(f"#{room}")
-    # Fixed places: live_area, and the refresh trigger in it, keep their
-    # position as the history grows. A trigger that moves is loaded anew.
-    settled_area, live = st.container(), st.container()
+    # Fixed places: live_area (with the refresh trigger in it) and the notice
+    # keep their position as the history grows. A trigger that moves is loaded
+    # anew, and a notice that moves is drawn afresh: it blinks.
+    settled_area, live, notice_area = st.container(), st.container(), st.container()
     # Drawn before live_area, which may follow a reply until it ends.
     st.button("Stop", icon=":material/stop_circle:", key="stop", on_click=stop, args=(worker, room, tab))
 
@@ -372,7 +373,8 @@ def main() -> None:
             render_message(message, name, tab, questions, worker)
         if not history and mine is None:
             st.caption("No messages yet. Say hello, or ask @gpt something.")
-        if notice := st.session_state.get("notice"):
+    if notice := st.session_state.get("notice"):
+        with notice_area:
             render_notice(*notice)
     with live:
         live_area(room, name, tab, settled[-1].id if settled else 0, questions)

@@ -139,6 +139,32 @@ def test_the_refresh_trigger_is_loaded_once_while_replies_come_and_settle(open_p
     assert loads == []
 
 
+# Counts the warnings taken out of the page: a warning drawn afresh is taken out first.
+COUNT_REMOVED_WARNINGS = """() => {
+    window.removedWarnings = 0;
+    new MutationObserver(records => {
+        for (const record of records) for (const node of record.removedNodes) {
+            const alert = '[data-testid=stAlertContentWarning]';
+            if (node.nodeType === 1 && (node.matches(alert) || node.querySelector(alert))) window.removedWarnings++;
+        }
+    }).observe(document.body, {childList: true, subtree: true});
+}"""
+
+
+def test_a_refusal_stays_put_while_new_messages_settle_above_it(open_page, app):
+    ada, bob = open_page("notices", "Ada"), open_page("notices", "Bob")
+    send(ada, "x" * 4_001)
+    warning = ada.locator("[data-testid=stAlertContentWarning]")
+    warning.wait_for()
+    ada.evaluate(COUNT_REMOVED_WARNINGS)
+    for text in ("first news from Bob", "second news from Bob"):
+        send(bob, text)
+        wait_until(lambda: any(m["body"] == text for m in messages(ada)))
+    ada.wait_for_timeout(1_000)  # the full run that settles them
+    assert "limit is 4,000" in warning.inner_text()
+    assert ada.evaluate("window.removedWarnings") == 0
+
+
 def test_stop_keeps_the_partial_text_for_everyone(open_page, app, fake):
     room = "stopping"
     fake.enqueue(Reply(pieces=as_pieces(["word"] * 300), delay_s=0.03))
