@@ -47,7 +47,7 @@ def plot_asker(medians: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(medians), figsize=(11, 4.2), dpi=120, sharey=True)
+    fig, axes = plt.subplots(1, len(medians), figsize=(11, 4.8), dpi=120, sharey=True)
     for ax, (size, by_rate) in zip(axes, medians.items()):
         rates = sorted(by_rate)
         for label, style in (("this app", "-"), ("st.write_stream", "--")):
@@ -60,9 +60,10 @@ def plot_asker(medians: dict, path: Path) -> None:
         ax.set_xticks(rates, [f"{r:,}" for r in rates])
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("ms (first token: from Enter; others: from token sent)")
-    axes[-1].legend(fontsize=7, ncol=2)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
     fig.suptitle("The asker's view")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))  # room for the legend below the plots
     fig.savefig(path)
 
 
