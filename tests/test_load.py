@@ -133,7 +133,11 @@ def test_soak_five_replies_and_twenty_viewers(start_app, pages, fake):
         return shown == finals and "writing" not in " ".join(m["caption"] for m in messages(page))
 
     for page in viewers + askers:
-        wait_until(lambda: shows_all_final(page), timeout=30)
+        try:
+            wait_until(lambda: shows_all_final(page), timeout=30)
+        except AssertionError:  # say which page, and what it shows instead
+            shown = [(m["caption"], m["body"][-60:]) for m in messages(page) if m["from"].endswith("assistant")]
+            raise AssertionError(f"{page.url} shows {shown}") from None
     assert assistant_body(viewers[0]) in finals
     print(
         f"\nsoak: {len(replies)} replies, {sum(len(r['chunks']) for r in replies)} chunks, "
