@@ -137,7 +137,7 @@ def test_soak_five_replies_and_twenty_viewers(start_app, pages, fake):
             wait_until(lambda: shows_all_final(page), timeout=30)
         except AssertionError:  # say which page, and what it shows instead
             shown = [(m["caption"], m["body"][-60:]) for m in messages(page) if m["from"].endswith("assistant")]
-            raise AssertionError(f"{page.url} shows {shown}") from None
+            raise AssertionError(f"after 30 s, {page.url} shows {shown}") from None
     assert assistant_body(viewers[0]) in finals
     print(
         f"\nsoak: {len(replies)} replies, {sum(len(r['chunks']) for r in replies)} chunks, "
