@@ -18,20 +18,25 @@ import os
 import re
 import socket
 import sqlite3
+import logging
 import threading
 import time
 import unicodedata
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlite_utils import Database
 
+log = logging.getLogger(__name__)
+
 MAX_MESSAGE_CHARS = 4_000
 MAX_NAME_CHARS = 40
 ASSISTANT_NAME = "GPT"
 BUSY_TIMEOUT_MS = 5_000
+WATCH_S = 0.2  # how often a Store asks SQLite whether another connection committed
 
 ROOM_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
 # Names a person may not take, compared after folding case, width and
@@ -236,6 +241,26 @@ class _ThreadConnection:
         self.db.conn.close()
 
 
+def _watch_commits(store_ref: weakref.ref) -> None:
+    """Note a change whenever another connection has committed, until the Store is gone."""
+    store = store_ref()
+    conn = sqlite3.connect(str(store.path), check_same_thread=False)
+    try:
+        last = conn.execute("PRAGMA data_version").fetchone()[0]
+        del store
+        while (store := store_ref()) is not None:
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
+            if version != last:
+                last = version
+                store._note_change()
+            del store
+            time.sleep(WATCH_S)
+    except sqlite3.Error:
+        log.exception("stopped watching %s for changes", store_ref() and store_ref().path)
+    finally:
+        conn.close()
+
+
 def _is_orphan(owner: str | None, updated_at: float, stale_after_s: float) -> bool:
     if owner == PROCESS:
         return False
@@ -259,6 +284,9 @@ class Store:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._local = threading.local()
+        self._changes = 0  # changes to the database this process has seen
+        self._changed = threading.Condition()
+        self._watching = False
         migrate(self.db)
 
     @property
@@ -271,11 +299,18 @@ class Store:
 
     # Writing ---------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[Database]:
+        """One write transaction; whoever waits for a change is woken once it commits."""
+        with _immediate(self.db) as db:
+            yield db
+        self._note_change()
+
     def add_message(self, room: str, author: str, text: str) -> Message:
         """Store a person's message whole, or raise InvalidInput and store nothing."""
         room, author, text = check_room(room), check_name(author), check_text(text)
         now = time.time()
-        with _immediate(self.db) as db:
+        with self._writing() as db:
             message_id = self._insert_message(db, room, author, "user", "complete", None, now)
             self._insert_chunk(db, message_id, 0, text)
             self._bump(db, room)
@@ -284,7 +319,7 @@ class Store:
     def start_reply(self, room: str, reply_to: int | None = None, owner: str = PROCESS) -> Message:
         """An empty assistant message in status ``streaming``, to append chunks to."""
         room = check_room(room)
-        with _immediate(self.db) as db:
+        with self._writing() as db:
             message_id = self._insert_reply(db, room, reply_to, owner)
             self._bump(db, room)
         return self.get(message_id)
@@ -292,7 +327,7 @@ class Store:
     def add_question(self, room: str, author: str, text: str) -> tuple[Message, Message]:
         """A person's message and the empty reply to it, stored together or not at all."""
         room, author, text = check_room(room), check_name(author), check_text(text)
-        with _immediate(self.db) as db:
+        with self._writing() as db:
             question_id = self._insert_message(db, room, author, "user", "complete", None, time.time())
             self._insert_chunk(db, question_id, 0, text)
             reply_id = self._insert_reply(db, room, question_id, PROCESS)
@@ -303,7 +338,7 @@ class Store:
         """Append one piece to a streaming reply, in one transaction."""
         if not text:
             return
-        with _immediate(self.db) as db:
+        with self._writing() as db:
             room = self._touch_streaming(db, message_id)
             seq = db.execute(
                 "SELECT COALESCE(MAX(seq) + 1, 0) FROM chunks WHERE message_id = ?", [message_id]
@@ -317,7 +352,7 @@ class Store:
         """Give a streaming reply its final status, with the last piece of text if any."""
         if status not in FINAL_STATUSES:
             raise ValueError(f"not a final status: {status!r}")
-        with _immediate(self.db) as db:
+        with self._writing() as db:
             room = self._touch_streaming(db, message_id)
             if last_chunk:
                 seq = db.execute(
@@ -348,7 +383,7 @@ class Store:
             if _is_orphan(row["owner"], row["updated_at"], stale_after_s)
         ]
         count = 0
-        with _immediate(self.db) as db:
+        with self._writing() as db:
             for row in orphans:
                 count += db.execute(
                     "UPDATE messages SET status = 'interrupted', error = ?, updated_at = ? "
@@ -381,6 +416,39 @@ class Store:
         """A counter that changes whenever anything in the room changes."""
         row = self.db.execute("SELECT version FROM rooms WHERE name = ?", [room]).fetchone()
         return row[0] if row else 0
+
+    # Waiting for changes ---------------------------------------------------
+
+    def changes(self) -> int:
+        """A counter of the changes to the database this process has seen; see wait_for_change."""
+        with self._changed:
+            return self._changes
+
+    def wait_for_change(self, seen: int, timeout: float) -> int:
+        """The change counter, as soon as it differs from ``seen``, or after ``timeout`` seconds.
+
+        A write through this Store counts at once. A commit by another process
+        (or another Store on the same file) counts within WATCH_S: one thread
+        per Store asks SQLite whether anyone else committed. The database
+        itself is not read while nothing changes.
+        """
+        self._watch()
+        with self._changed:
+            self._changed.wait_for(lambda: self._changes != seen, timeout)
+            return self._changes
+
+    def _note_change(self) -> None:
+        with self._changed:
+            self._changes += 1
+            self._changed.notify_all()
+
+    def _watch(self) -> None:
+        """Start the thread that notices other connections' commits, once."""
+        with self._changed:
+            if self._watching:
+                return
+            self._watching = True
+        threading.Thread(target=_watch_commits, args=(weakref.ref(self),), name="store-watch", daemon=True).start()
 
     # Internals -------------------------------------------------------------
 

@@ -1,8 +1,11 @@
 import os
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -246,3 +249,35 @@ def test_each_thread_connection_is_closed_when_the_thread_ends(db_path):
         assert open_files() <= before + 2
     finally:
         gc.enable()
+
+
+def test_a_write_wakes_whoever_waits_for_a_change_at_once(store):
+    seen = store.changes()
+    woke = []
+
+    def wait():
+        started = time.monotonic()
+        woke.append((store.wait_for_change(seen, timeout=5), time.monotonic() - started))
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.2)
+    store.add_message("general", "Ada", "hello")
+    waiter.join()
+    [(changes, waited)] = woke
+    assert changes != seen and waited < 1
+
+
+def test_a_commit_by_another_process_wakes_the_wait_too(store, db_path):
+    seen = store.changes()
+    assert store.wait_for_change(seen, timeout=0.3) == seen  # nothing happened: the wait times out
+    other = subprocess.run(
+        [sys.executable, "-c", "import sys; from store import Store; Store(sys.argv[1]).add_message('general', 'Bob', 'hi')",
+         str(db_path)],
+        cwd=Path(__file__).parent.parent, check=True,
+    )
+    assert other.returncode == 0
+    started = time.monotonic()
+    assert store.wait_for_change(seen, timeout=5) != seen
+    assert time.monotonic() - started < 1
+    assert [m.text for m in store.recent("general")] == ["hi"]
