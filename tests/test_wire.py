@@ -10,26 +10,10 @@ import uuid
 
 import pytest
 
-from fake_openai import FakeOpenAI, Reply
-from live import KEY, StreamlitApp, as_pieces, stored_reply, wait_until
+from fake_openai import Reply
+from live import as_pieces, stored_reply, wait_until
 from store import Store
 from wire_client import TAGGED_WORD, TickClock, WireSession
-
-
-@pytest.fixture(scope="module")
-def fake():
-    with FakeOpenAI() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def app(fake, tmp_path_factory):
-    app = StreamlitApp(
-        tmp_path_factory.mktemp("app"),
-        {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": KEY, "CHAT_IDLE_TIMEOUT_S": "5"},
-    ).start()
-    yield app
-    app.stop()
 
 
 @pytest.fixture
@@ -62,11 +46,11 @@ def answered(app, room: str, tag: str, words: int = 48) -> bool:
     return reply["status"] == "complete" and f"{tag}w{words - 1}" in reply["text"]
 
 
-def test_asking_resends_only_the_live_area_not_the_room(app, fake, connect):
+def test_asking_resends_only_the_live_area_not_the_room(app, model, connect):
     """The asker's first token must not wait for the browser to redraw the whole room."""
     fill(app.db, "full", 30)  # 60 messages, three elements each
     asker = connect("full", "Ada")
-    fake.enqueue(Reply(tagged=48, delay_s=0.02))
+    model.enqueue(Reply(tagged=48, delay_s=0.02))
     asked = len(asker.elements)
     asker.chat("@gpt r1")
     wait_until(lambda: answered(app, "full", "r1"))
@@ -80,11 +64,11 @@ def test_asking_resends_only_the_live_area_not_the_room(app, fake, connect):
     assert len(asker.seen["r1"]) > 4
 
 
-def test_a_viewer_gets_the_stored_chunks_from_ticks_of_the_live_area(app, fake, connect):
+def test_a_viewer_is_sent_each_stored_step_in_place(app, model, connect):
     fill(app.db, "watched", 30)
     viewer, asker = connect("watched", "Bea"), connect("watched", "Ada")
     sentences = [" ".join(f"r2w{i}" for i in range(n, n + 12)) + " and so on." for n in range(0, 72, 12)]
-    fake.enqueue(Reply(pieces=as_pieces(sentences), delay_s=0.1))  # 6 sentences, 9 s
+    model.enqueue(Reply(pieces=as_pieces(sentences), delay_s=0.1))  # 6 sentences, 9 s
     asked = time.time()
     asker.chat("@gpt r2")
     wait_until(lambda: answered(app, "watched", "r2", words=72), timeout=30)
@@ -94,9 +78,10 @@ def test_a_viewer_gets_the_stored_chunks_from_ticks_of_the_live_area(app, fake, 
     stored_steps = list(itertools.accumulate(len(TAGGED_WORD.findall(chunk)) for chunk in chunks))
     steps = sorted(viewer.seen["r2"])
     assert len(steps) >= 3 and set(steps) <= set(stored_steps), (steps, stored_steps)
-    # Each step came from a refresh tick that sent a few elements, not the 180 of the room.
+    # Each step redrew only the message that changed, in the live area: a few
+    # elements per step, not the 180 of the room, and no script run had to end.
     last = viewer.seen["r2"][steps[-2]]
     during = [path for at, path, _ in viewer.elements if asked <= at <= last]
-    ticks = [at for at in viewer.runs if asked <= at <= last]
-    assert 0 < len(during) < 20 * len(ticks)
+    assert 0 < len(during) <= 10 * len(steps), len(during)
     assert all(path[:2] == during[0][:2] for path in during)
+    assert [at for at in viewer.runs if asked <= at <= last] == []
