@@ -39,6 +39,7 @@ class Reply:
     keepalive: bool = False  # after the pieces, send only SSE comments (": ping") every 0.2 s
     echo: int = 0  # if set, the pieces are the words of the last message, this many times
     tagged: int = 0  # if set, this many words "<tag>w<i>", in sentences of 12, tag = the prompt's last word
+    hold: threading.Event | None = None  # after the first piece, wait until the test sets it
 
 
 @dataclass
@@ -172,6 +173,8 @@ def _handler_for(server: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 sent.pieces_sent += 1
                 sent.text += piece
                 sent.stamps.append((time.time(), sent.pieces_sent))
+                if reply.hold is not None and sent.pieces_sent == 1:
+                    reply.hold.wait(60)
             for line in reply.raw_lines:
                 self._write(line.encode() + b"\n\n")
             if reply.error_event is not None:

@@ -30,6 +30,7 @@ CHROMIUM_ARGS = [
     "--disable-backgrounding-occluded-windows",
 ]
 CHAT_INPUT = "[data-testid=stChatInput] textarea"
+WARNING = "[data-testid=stAlertContentWarning]"
 # Every chat message on a page: who it is from, its caption lines and its body.
 READ_MESSAGES = """() => Array.from(document.querySelectorAll('[data-testid=stChatMessage]')).map(m => ({
     from: m.querySelector('[data-testid=stChatMessageContent]').getAttribute('aria-label'),
@@ -103,30 +104,26 @@ class StreamlitApp:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def open_room(browser, app: StreamlitApp, room: str, name: str, ready: str = CHAT_INPUT):
-    """A page in a fresh browser context (a separate person), loaded until ``ready`` shows."""
-    context = browser.new_context(viewport={"width": 1100, "height": 760})
-    page = context.new_page()
-    page.goto(f"{app.url}/?room={room}&name={name}")
-    page.wait_for_selector(ready, timeout=30_000)
-    return page
-
-
-def open_rooms(browser, app: StreamlitApp, room: str, names: list[str]) -> list:
-    """Like open_room for many people at once: all load in parallel."""
+def open_rooms(browser, app: StreamlitApp, room: str, names: list[str], ready: str = CHAT_INPUT) -> list:
+    """A page per name, each in a fresh browser context (a separate person), loaded in parallel."""
     pages = []
     for name in names:
         page = browser.new_context(viewport={"width": 1100, "height": 760}).new_page()
+        page.person = name
         page.goto(f"{app.url}/?room={room}&name={name}", wait_until="commit")
         pages.append(page)
     for page in pages:
-        page.wait_for_selector(CHAT_INPUT, timeout=60_000)
+        page.wait_for_selector(ready, timeout=60_000)
     return pages
 
 
 def send(page, text: str) -> None:
     page.fill(CHAT_INPUT, text)
     page.keyboard.press("Enter")
+
+
+def warnings(page) -> list[str]:
+    return page.locator(WARNING).all_inner_texts()
 
 
 def messages(page) -> list[dict]:
@@ -183,3 +180,50 @@ def stored_reply(db: Path, room: str) -> dict:
 def as_pieces(sentences: list[str]) -> list[str]:
     words = " ".join(sentences).split(" ")
     return [words[0]] + [" " + word for word in words[1:]]
+
+
+def check_log(app: StreamlitApp) -> None:
+    """The app's log has no traceback, no lock error and no trace of the API key."""
+    log = app.log_text()
+    for bad in ("Traceback", "database is locked", KEY):
+        assert bad not in log, f"{bad!r} in the log of {app.url}:\n{log[-3000:]}"
+
+
+def evidence(items: list) -> list[tuple[str, str]]:
+    """Report sections for a failed live test: each page as shown, each database, each log's end."""
+    sections = []
+    for item in items:
+        if isinstance(item, StreamlitApp):
+            sections.append((f"database of {item.url}", _database_rows(item.db)))
+            sections.append((f"log of {item.url}", item.log_text()[-3000:]))
+        else:
+            sections.append((f"page of {getattr(item, 'person', '?')} ({item.url})", _page_as_shown(item)))
+    return sections
+
+
+def _page_as_shown(page) -> str:
+    try:
+        lines = [f"{m['from']} | {m['caption']!r} | {m['body'][-200:]!r}" for m in messages(page)]
+        for kind in ("Warning", "Error"):
+            lines += [f"{kind}: {text}" for text in page.locator(f"[data-testid=stAlertContent{kind}]").all_inner_texts()]
+        return "\n".join(lines) or "(no messages)"
+    except Exception as error:  # closed or crashed
+        return f"(could not read the page: {error})"
+
+
+def _database_rows(db: Path) -> str:
+    if not db.exists():
+        return "(no database)"
+    try:
+        conn = sqlite3.connect(db)
+        rows = conn.execute(
+            "SELECT m.id, m.room, m.author, m.status, m.error, count(c.seq), coalesce(group_concat(c.text, ''), '') "
+            "FROM messages m LEFT JOIN chunks c ON c.message_id = m.id GROUP BY m.id ORDER BY m.id DESC LIMIT 60"
+        ).fetchall()
+        conn.close()
+    except sqlite3.Error as error:
+        return f"(could not read the database: {error})"
+    return "\n".join(
+        f"#{id} {room} {author} {status}{f' ({error})' if error else ''}: {chunks} chunks, {text[-120:]!r}"
+        for id, room, author, status, error, chunks, text in reversed(rows)
+    ) or "(no messages)"

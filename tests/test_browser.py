@@ -8,18 +8,16 @@ import os
 import time
 from pathlib import Path
 
-import pytest
 
-from fake_openai import FakeOpenAI, Reply
+from fake_openai import Reply
 from live import (
     CHAT_INPUT,
     KEY,
     READ_MESSAGES,
-    StreamlitApp,
+    WARNING,
     as_pieces,
     assistant_body,
     messages,
-    open_room,
     require_chromium,
     send,
     stored_messages,
@@ -29,37 +27,6 @@ from live import (
 )
 
 require_chromium()
-
-
-@pytest.fixture(scope="module")
-def fake():
-    with FakeOpenAI() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def app(fake, tmp_path_factory):
-    app = StreamlitApp(
-        tmp_path_factory.mktemp("app"),
-        {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": KEY, "OPENAI_MODEL": "test-model",
-         "CHAT_IDLE_TIMEOUT_S": "5"},
-    ).start()
-    yield app
-    app.stop()
-
-
-@pytest.fixture
-def open_page(browser, app):
-    contexts = []
-
-    def open_page(room: str, name: str):
-        page = open_room(browser, app, room, name)
-        contexts.append(page.context)
-        return page
-
-    yield open_page
-    for context in contexts:
-        context.close()
 
 
 def side_by_side(left: Path, right: Path, out: Path) -> None:
@@ -72,11 +39,11 @@ def side_by_side(left: Path, right: Path, out: Path) -> None:
     canvas.save(out)
 
 
-def test_asker_sees_tokens_and_the_other_session_sees_sentences(open_page, app, fake, tmp_path):
+def test_asker_sees_tokens_and_the_other_session_sees_sentences(pages, app, model, tmp_path):
     room = "duo"
     sentences = [f"Sentence {n} of this reply has exactly ten short words." for n in range(1, 13)]
-    fake.enqueue(Reply(pieces=as_pieces(sentences), delay_s=0.07))  # about 8 s in all
-    asker, viewer = open_page(room, "Ada"), open_page(room, "Bob")
+    model.enqueue(Reply(pieces=as_pieces(sentences), delay_s=0.07))  # about 8 s in all
+    asker, viewer = pages(app, room, "Ada", "Bob")
     viewer.click(CHAT_INPUT)
     viewer.keyboard.type("a draft I am still typing")
 
@@ -95,12 +62,12 @@ def test_asker_sees_tokens_and_the_other_session_sees_sentences(open_page, app, 
             viewer.screenshot(path=shots / "viewer.png")
             side_by_side(shots / "asker.png", shots / "viewer.png", shots / "two-sessions.png")
             shot_taken = True
-        if fake.sent and fake.sent[-1].done.is_set() and asker_states[-1:] == viewer_states[-1:] != []:
-            if asker_states[-1] == fake.sent[-1].text:
+        if model.sent and model.sent[-1].done.is_set() and asker_states[-1:] == viewer_states[-1:] != []:
+            if asker_states[-1] == model.sent[-1].text:
                 break
         time.sleep(0.03)
 
-    sent = fake.sent[-1].text
+    sent = model.sent[-1].text
     stored = stored_reply(app.db, room)
     assert stored["status"] == "complete" and stored["text"] == sent
     # The asker saw the reply grow token by token, never shrinking, and end exactly as sent.
@@ -119,15 +86,15 @@ def test_asker_sees_tokens_and_the_other_session_sees_sentences(open_page, app, 
     assert shot_taken
 
 
-def test_the_refresh_trigger_is_loaded_once_while_replies_come_and_settle(open_page, app, fake):
+def test_the_refresh_trigger_is_loaded_once_while_replies_come_and_settle(pages, app, model):
     """The trigger keeps its place in the page; a trigger that moves is loaded anew (82 KB of script)."""
-    asker, viewer = open_page("steady", "Ada"), open_page("steady", "Bob")
+    asker, viewer = pages(app, "steady", "Ada", "Bob")
     loads = []
     for page in (asker, viewer):
         page.on("request", lambda request: loads.append(request.url) if "autorefresh" in request.url else None)
     for question in ("@gpt one", "a plain message", "@gpt two"):
         if "@gpt" in question:
-            fake.enqueue(Reply(pieces=as_pieces(["A short reply."] * 3), delay_s=0.05))
+            model.enqueue(Reply(pieces=as_pieces(["A short reply."] * 3), delay_s=0.05))
         send(asker, question)
         wait_until(lambda: all(m["caption"].find("writing") < 0 for m in messages(viewer))
                    and any(question == m["body"] for m in messages(viewer)))
@@ -151,10 +118,10 @@ COUNT_REMOVED_WARNINGS = """() => {
 }"""
 
 
-def test_a_refusal_stays_put_while_new_messages_settle_above_it(open_page, app):
-    ada, bob = open_page("notices", "Ada"), open_page("notices", "Bob")
+def test_a_refusal_stays_put_while_new_messages_settle_above_it(pages, app):
+    ada, bob = pages(app, "notices", "Ada", "Bob")
     send(ada, "x" * 4_001)
-    warning = ada.locator("[data-testid=stAlertContentWarning]")
+    warning = ada.locator(WARNING)
     warning.wait_for()
     ada.evaluate(COUNT_REMOVED_WARNINGS)
     for text in ("first news from Bob", "second news from Bob"):
@@ -165,10 +132,10 @@ def test_a_refusal_stays_put_while_new_messages_settle_above_it(open_page, app):
     assert ada.evaluate("window.removedWarnings") == 0
 
 
-def test_stop_keeps_the_partial_text_for_everyone(open_page, app, fake):
+def test_stop_keeps_the_partial_text_for_everyone(pages, app, model):
     room = "stopping"
-    fake.enqueue(Reply(pieces=as_pieces(["word"] * 300), delay_s=0.03))
-    asker, viewer = open_page(room, "Ada"), open_page(room, "Bob")
+    model.enqueue(Reply(pieces=as_pieces(["word"] * 300), delay_s=0.03))
+    asker, viewer = pages(app, room, "Ada", "Bob")
     send(asker, "@gpt talk for a long time")
     wait_until(lambda: len(assistant_body(asker) or "") > 60)
     asker.get_by_role("button", name="Stop").click()
@@ -178,15 +145,14 @@ def test_stop_keeps_the_partial_text_for_everyone(open_page, app, fake):
     for page in (asker, viewer):
         wait_until(lambda: any("Stopped" in m["caption"] for m in page.evaluate(READ_MESSAGES)))
         assert assistant_body(page) == stored["text"]
-    assert fake.sent[-1].done.wait(5) and fake.sent[-1].aborted  # the model stream was closed
+    assert model.sent[-1].done.wait(5) and model.sent[-1].aborted  # the model stream was closed
 
 
-def test_provider_error_shows_a_short_note_and_no_traceback(open_page, app, fake):
+def test_provider_error_shows_a_short_note_and_no_traceback(pages, app, model):
     room = "failing"
     body = {"error": {"message": f"backend exploded near {KEY}"}}
-    fake.enqueue(*[Reply(status=500, error_body=body, headers={"retry-after-ms": "1"})] * 3)
-    asker = open_page(room, "Ada")
-    viewer = open_page(room, "Bob")
+    model.enqueue(*[Reply(status=500, error_body=body, headers={"retry-after-ms": "1"})] * 3)
+    asker, viewer = pages(app, room, "Ada", "Bob")
     send(asker, "@gpt will this work?")
     for page in (asker, viewer):
         note = wait_until(
@@ -199,18 +165,18 @@ def test_provider_error_shows_a_short_note_and_no_traceback(open_page, app, fake
     assert stored_reply(app.db, room)["status"] == "error"
 
 
-def test_the_asker_re_attaches_after_a_rerun_and_after_a_reload(open_page, app, fake):
+def test_the_asker_re_attaches_after_a_rerun_and_after_a_reload(pages, app, model):
     room = "reattach"
     sentences = [f"Part {n} of a reply that keeps going for a while." for n in range(1, 13)]
-    fake.enqueue(Reply(pieces=as_pieces(sentences), delay_s=0.05))
-    asker = open_page(room, "Ada")
+    model.enqueue(Reply(pieces=as_pieces(sentences), delay_s=0.05))
+    asker = pages(app, room, "Ada")
     send(asker, "@gpt keep talking")
     wait_until(lambda: len(assistant_body(asker) or "") > 40)
     send(asker, "a plain message in the middle")  # reruns the page mid-stream
     before = assistant_body(asker)
     wait_until(lambda: len(assistant_body(asker) or "") > len(before or "") + 20)
     assert asker.get_by_role("button", name="Stop").is_visible()  # still the asker's live view
-    namesake = open_page(room, "Ada")  # someone else who happens to be called Ada
+    namesake = pages(app, room, "Ada")  # someone else who happens to be called Ada
     wait_until(lambda: "writing" in " ".join(m["caption"] for m in messages(namesake)))
     assert namesake.get_by_role("button", name="Stop").count() == 0  # not theirs to stop
     asker.reload()  # a new session for the same person
@@ -220,17 +186,17 @@ def test_the_asker_re_attaches_after_a_rerun_and_after_a_reload(open_page, app, 
     seen = len(assistant_body(asker) or "")
     wait_until(lambda: len(assistant_body(asker) or "") > seen)  # and still growing
     wait_until(lambda: stored_reply(app.db, room)["status"] == "complete")
-    wait_until(lambda: assistant_body(asker) == fake.sent[-1].text)
-    assert stored_reply(app.db, room)["text"] == fake.sent[-1].text
+    wait_until(lambda: assistant_body(asker) == model.sent[-1].text)
+    assert stored_reply(app.db, room)["text"] == model.sent[-1].text
 
 
-def test_history_opens_scrolled_to_the_newest_message(open_page, app):
+def test_history_opens_scrolled_to_the_newest_message(pages, app):
     from store import Store
 
     store = Store(app.db)
     for i in range(100):
         store.add_message("long", "Bob", f"message number {i}")
-    page = open_page("long", "Ada")
+    page = pages(app, "long", "Ada")
     page.wait_for_selector("text=message number 99")
     at_bottom = """() => { const main = document.querySelector('[data-testid=stAppScrollToBottomContainer]')
         || document.scrollingElement; return main.scrollHeight - main.scrollTop - main.clientHeight; }"""
@@ -277,11 +243,11 @@ def assert_harmless(page, app) -> None:
     assert not [h for h in hrefs if h.strip().lower().startswith(("javascript", "data", "vbscript"))], hrefs
 
 
-def test_markup_in_messages_and_replies_runs_nothing_and_loads_nothing(open_page, app, fake):
+def test_markup_in_messages_and_replies_runs_nothing_and_loads_nothing(pages, app, model):
     room = "hostile"
     reply = "\n\n".join(PAYLOADS)
-    fake.enqueue(Reply(pieces=[reply[i : i + 7] for i in range(0, len(reply), 7)], delay_s=0.002))
-    sender, viewer = open_page(room, "Mallory"), open_page(room, "Victim")
+    model.enqueue(Reply(pieces=[reply[i : i + 7] for i in range(0, len(reply), 7)], delay_s=0.002))
+    sender, viewer = pages(app, room, "Mallory", "Victim")
     requests = []
     for page in (sender, viewer):
         page.on("request", lambda request: requests.append(request.url))
@@ -313,10 +279,10 @@ COUNT_REDRAWS = """() => {
 }"""
 
 
-def test_a_fast_model_is_drawn_at_most_about_twenty_times_a_second(open_page, app, fake):
+def test_a_fast_model_is_drawn_at_most_about_twenty_times_a_second(pages, app, model):
     room = "fast"
-    fake.enqueue(Reply(pieces=["tok "] * 3000, delay_s=0.0005))  # 2,000 tokens/s and more
-    asker = open_page(room, "Ada")
+    model.enqueue(Reply(pieces=["tok "] * 3000, delay_s=0.0005))  # 2,000 tokens/s and more
+    asker = pages(app, room, "Ada")
     asker.evaluate(COUNT_REDRAWS)
     send(asker, "@gpt go fast")
     wait_until(lambda: stored_reply(app.db, room)["status"] == "complete")

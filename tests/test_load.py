@@ -6,23 +6,20 @@ Viewers are real Chromium pages, one browser context (one person) each.
 """
 
 import os
+import threading
 import time
 
-import pytest
-
-from fake_openai import FakeOpenAI, Reply
+from fake_openai import Reply
 from live import (
-    KEY,
-    StreamlitApp,
     as_pieces,
     assistant_body,
     messages,
-    open_rooms,
     require_chromium,
     send,
     stored_messages,
     stored_replies,
     wait_until,
+    warnings,
 )
 
 require_chromium()
@@ -30,60 +27,24 @@ require_chromium()
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "15"))
 
 
-@pytest.fixture
-def fake():
-    with FakeOpenAI() as server:
-        yield server
-
-
-@pytest.fixture
-def start_app(fake, tmp_path):
-    apps = []
-
-    def start(**env):
-        app = StreamlitApp(tmp_path, {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": KEY, **env}).start()
-        apps.append(app)
-        return app
-
-    yield start
-    for app in apps:
-        app.stop()
-        log = app.log_text()
-        assert "database is locked" not in log and "Traceback" not in log and KEY not in log
-
-
-@pytest.fixture
-def pages(browser):
-    opened = []
-
-    def open_pages(app, room, *names):
-        new = open_rooms(browser, app, room, list(names))
-        opened.extend(new)
-        return new if len(new) > 1 else new[0]
-
-    yield open_pages
-    for page in opened:
-        page.context.close()
-
-
-def warnings(page) -> list[str]:
-    return page.locator("[data-testid=stAlertContentWarning]").all_inner_texts()
-
-
 def test_a_burst_of_ten_questions_never_exceeds_the_concurrency_limit(start_app, pages, fake):
-    fake.default = Reply(pieces=as_pieces(["One short answer, written over a couple of seconds."] * 4), delay_s=0.05)
-    app = start_app(CHAT_MAX_CONCURRENT="4")
+    # Every reply is held after its first words until all ten people have had
+    # their answer, however far apart one driver's ten key presses land.
+    held = threading.Event()
+    fake.default = Reply(pieces=as_pieces(["One short answer, written in a moment."] * 4), delay_s=0.02, hold=held)
+    app = start_app(CHAT_MAX_CONCURRENT="4", CHAT_IDLE_TIMEOUT_S="60")
     people = pages(app, "burst", *[f"Person{i}" for i in range(10)])
     for i, page in enumerate(people):
         page.fill("[data-testid=stChatInput] textarea", f"@gpt question {i}")
-    for page in people:  # as close to the same instant as one driver can
+    for page in people:
         page.keyboard.press("Enter")
     wait_until(lambda: sum(bool(warnings(p)) for p in people) + len(stored_replies(app.db, "burst")) >= 10)
+    held.set()
     wait_until(lambda: all(r["status"] == "complete" for r in stored_replies(app.db, "burst")), timeout=30)
 
     replies = stored_replies(app.db, "burst")
     refused = [p for p in people if any("already writing 4 replies" in w for w in warnings(p))]
-    assert fake.max_in_flight <= 4
+    assert fake.max_in_flight == 4
     assert len(replies) == 4 and len(refused) == 6
     assert sorted(r["text"] for r in replies) == sorted(s.text for s in fake.sent)
     assert len(stored_messages(app.db, "burst")) == 4  # refused questions were not stored
