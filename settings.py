@@ -16,6 +16,10 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 
+# "auto": max_completion_tokens for OpenAI and Azure OpenAI, max_tokens elsewhere.
+MAX_TOKENS_PARAMS = ("auto", "max_completion_tokens", "max_tokens", "none")
+
+
 class ConfigError(Exception):
     """A configuration value that cannot be used; the message names the variable."""
 
@@ -26,9 +30,11 @@ class Settings:
     openai_base_url: str | None = None
     openai_model: str = "gpt-4o-mini"
     max_tokens: int = 1024
+    max_tokens_param: str = "auto"  # which request field carries max_tokens; see llm.token_param()
     db_path: Path = HERE / "chat.db"
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     idle_timeout_s: float = 30.0
+    first_token_timeout_s: float = 120.0
     max_concurrent: int = 4
     replies_per_minute: int = 5
     demo_tokens_per_s: float = 40.0
@@ -56,14 +62,22 @@ class Settings:
                 raise ConfigError(f"{name} must be between {low} and {high}, not {raw}.")
             return value
 
+        def choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
+            value = (text(name, None) or default).lower()
+            if value not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not {value!r}.")
+            return value
+
         return cls(
             openai_api_key=text("OPENAI_API_KEY", None),
             openai_base_url=text("OPENAI_BASE_URL", None),
             openai_model=text("OPENAI_MODEL", cls.openai_model),
             max_tokens=number("OPENAI_MAX_TOKENS", cls.max_tokens, int, 1, 100_000),
+            max_tokens_param=choice("OPENAI_MAX_TOKENS_PARAM", cls.max_tokens_param, MAX_TOKENS_PARAMS),
             db_path=Path(text("CHAT_DB_PATH", str(cls.db_path))),
             system_prompt=text("CHAT_SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT),
             idle_timeout_s=number("CHAT_IDLE_TIMEOUT_S", cls.idle_timeout_s, float, 0.1, 600),
+            first_token_timeout_s=number("CHAT_FIRST_TOKEN_TIMEOUT_S", cls.first_token_timeout_s, float, 0.1, 3600),
             max_concurrent=number("CHAT_MAX_CONCURRENT", cls.max_concurrent, int, 1, 100),
             replies_per_minute=number("CHAT_REPLIES_PER_MINUTE", cls.replies_per_minute, int, 1, 1000),
             demo_tokens_per_s=number("CHAT_DEMO_TOKENS_PER_S", cls.demo_tokens_per_s, float, 1, 100_000),
