@@ -62,6 +62,7 @@ ASSISTANT_AVATAR = ":material/smart_toy:"  # nobody else can have it: the name G
 OWN_AVATAR = "user"
 OTHER_AVATAR = ":material/face:"
 STATUS_NOTES = {
+    "truncated": "✂️ Cut short: the reply reached its token limit (OPENAI_MAX_TOKENS).",
     "stopped": "⏹ Stopped before the end.",
     "interrupted": "⚠️ Interrupted: the server restarted while this reply was being written.",
 }
@@ -89,7 +90,8 @@ def open_store(path: str) -> Store:
 def start_worker(settings: Settings) -> ReplyWorker:
     """One worker per process, started once: first marks replies a dead process left."""
     store = open_store(str(settings.db_path))
-    stale_after_s = settings.idle_timeout_s + 30  # a live reply changes more often than that
+    # A live reply is written to at least this often (thinking before the first word included).
+    stale_after_s = max(settings.idle_timeout_s, settings.first_token_timeout_s) + 30
     store.recover_interrupted(stale_after_s)
     worker = ReplyWorker(
         store,
@@ -98,6 +100,7 @@ def start_worker(settings: Settings) -> ReplyWorker:
         max_concurrent=settings.max_concurrent,
         replies_per_minute=settings.replies_per_minute,
         idle_timeout_s=settings.idle_timeout_s,
+        first_token_timeout_s=settings.first_token_timeout_s,
     )
     worker.shutdown_with_process()  # on SIGTERM, replies end "interrupted" within seconds
     worker.start_housekeeping(stale_after_s)
@@ -255,6 +258,12 @@ def render_stats(reply: LiveReply | None) -> None:
         f"| rewriting the text at each sentence | {stats.seed_bytes:,} |\n"
         f"| rewriting the text at each token | {stats.per_token_bytes:,} |"
     )
+    if (usage := reply.usage) is not None:
+        reasoning = f", {usage.reasoning_tokens:,} of them reasoning" if usage.reasoning_tokens else ""
+        st.caption(
+            f"The provider counted {usage.prompt_tokens:,} prompt tokens and "
+            f"{usage.completion_tokens:,} completion tokens{reasoning}."
+        )
 
 
 def render_message(message: Message, name: str, retry_button: Callable[[Message], None] | None = None) -> None:
@@ -279,9 +288,11 @@ def render_message(message: Message, name: str, retry_button: Callable[[Message]
         st.caption(label)
         text_place, note_place, button_place = st.empty(), st.empty(), st.empty()
         body = safe_markdown(message.text)
-        if message.status == "streaming":
-            body += CURSOR
-        if body:
+        if message.status == "streaming" and not message.text:
+            text_place.caption(thinking(message.created_at))
+        elif message.status == "streaming":
+            text_place.markdown(body + CURSOR)
+        elif body:
             text_place.markdown(body)
         if message.status == "error":
             note_place.caption(f"⚠️ {message.error or 'This reply failed.'}")
@@ -319,6 +330,11 @@ class Places:
                 self.places.append(st.empty())
         if count > st.session_state.get(self.key, 0):
             st.session_state[self.key] = count
+
+
+def thinking(since: float) -> str:
+    """What a reply shows before its first word: the model is thinking (reasoning models can take minutes)."""
+    return f"💭 Thinking… {max(0, int(time.time() - since))} s"
 
 
 def retryable(message: Message, name: str, questions: dict[int, Message]) -> bool:
@@ -366,6 +382,8 @@ def live_area(
             tail.update(store.recent(room, HISTORY, after_id=after_id), mine)
             if tail.worth_folding():
                 st.rerun()  # a full run draws them as settled history, with any Retry buttons
+        else:
+            tail.tick(mine)
         if mine is not None:
             tail.follow(mine)
             followed = True
@@ -396,6 +414,7 @@ class Tail:
         self.mine_id: int | None = None
         self.mine_box = None  # where the asker's own reply's text goes
         self.mine_shown = ""
+        self.mine_clock = ""  # the thinking clock it shows before the first word
 
     def update(self, messages: list[Message], mine: LiveReply | None) -> None:
         for message in messages:
@@ -406,13 +425,24 @@ class Tail:
                 self.slots[message.id] = self.places.take()
             if mine is not None and message.id == mine.message_id:
                 continue  # drawn from memory by follow()
-            state = (message.status, message.text, message.error)
+            state = self._looks(message)
             if self.drawn.get(message.id) != state:
                 with self.slots[message.id].container():
                     render_message(message, self.name)
                 self.drawn[message.id] = state
                 if message.id == self.mine_id:
                     self.mine_id, self.mine_box, self.mine_shown = None, None, ""
+
+    @staticmethod
+    def _looks(message: Message) -> tuple:
+        """What a message's bubble shows, to tell when it must be drawn again."""
+        clock = thinking(message.created_at) if message.status == "streaming" and not message.text else None
+        return message.status, message.text, message.error, clock
+
+    def tick(self, mine: LiveReply | None) -> None:
+        """Move the thinking clocks on: replies with no words yet show how long they have been thinking."""
+        waiting = [m for m in self.messages.values() if m.status == "streaming" and not m.text]
+        self.update(waiting, mine)
 
     def worth_folding(self) -> bool:
         """Whether the settled messages at the start of the tail should join the page's history.
@@ -429,15 +459,22 @@ class Tail:
             reply.wait(len(reply.text()), timeout=WAIT_S)
             return
         if self.mine_id != reply.message_id:
-            self.mine_id, self.mine_shown = reply.message_id, ""
+            self.mine_id, self.mine_shown, self.mine_clock = reply.message_id, "", ""
             with self.slots[reply.message_id].container(key=f"my-reply-{reply.message_id}"):
                 with st.chat_message("assistant", avatar=ASSISTANT_AVATAR):
                     st.caption("**GPT** · writing…")
                     self.mine_box = st.empty()
                     st.empty(), st.empty()  # the note and button places of render_message
         text, done = reply.wait(len(self.mine_shown), timeout=WAIT_S)
-        if done or text == self.mine_shown:
+        if done:
             return  # once it has ended, the store has it, final, for update() to draw
+        if not text:
+            if (clock := thinking(reply.started_at)) != self.mine_clock:
+                self.mine_box.caption(clock)
+                self.mine_clock = clock
+            return
+        if text == self.mine_shown:
+            return
         self.mine_box.markdown(safe_markdown(text) + CURSOR)
         self.mine_shown = text
         time.sleep(FRAME_S)  # tokens arriving meanwhile are drawn together

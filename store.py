@@ -45,7 +45,8 @@ RESERVED_NAMES = frozenset({"gpt", "chatgpt", "assistant", "system", "ai", "bot"
 # Control characters other than tab, newline and carriage return.
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
-STATUSES = ("complete", "streaming", "stopped", "error", "interrupted")
+# "truncated": the model stopped at its token budget, after some text.
+STATUSES = ("complete", "streaming", "stopped", "error", "interrupted", "truncated")
 FINAL_STATUSES = frozenset(STATUSES) - {"streaming"}
 INTERRUPTED_NOTE = "The server restarted while this reply was being written."
 # This process, as recorded on the replies it writes: host, pid, and a token
@@ -78,6 +79,9 @@ class Message:
     created_at: float
     updated_at: float
     owner: str | None = None  # the process writing a streaming reply
+    prompt_tokens: int | None = None  # as the provider reported them, for a finished reply
+    completion_tokens: int | None = None
+    reasoning_tokens: int | None = None
 
     @property
     def is_final(self) -> bool:
@@ -121,6 +125,13 @@ def m001_initial(db: Database) -> None:
 def m002_reply_owner(db: Database) -> None:
     # Which process writes a streaming reply, so recovery leaves live ones alone.
     db["messages"].add_column("owner", str)
+
+
+@migration
+def m003_usage(db: Database) -> None:
+    # What a reply cost, as the provider reported it.
+    for column in ("prompt_tokens", "completion_tokens", "reasoning_tokens"):
+        db["messages"].add_column(column, int)
 
 
 def migrate(db: Database) -> None:
@@ -347,9 +358,12 @@ class Store:
             self._bump(db, room)
 
     def finish_reply(
-        self, message_id: int, status: str, error: str | None = None, last_chunk: str = ""
+        self, message_id: int, status: str, error: str | None = None, last_chunk: str = "", usage=None
     ) -> None:
-        """Give a streaming reply its final status, with the last piece of text if any."""
+        """Give a streaming reply its final status, with the last piece of text and its token usage if any.
+
+        ``usage`` has ``prompt_tokens``, ``completion_tokens`` and ``reasoning_tokens`` (llm.Usage).
+        """
         if status not in FINAL_STATUSES:
             raise ValueError(f"not a final status: {status!r}")
         with self._writing() as db:
@@ -361,8 +375,11 @@ class Store:
                 ).fetchone()[0]
                 self._insert_chunk(db, message_id, seq, last_chunk)
             db.execute(
-                "UPDATE messages SET status = ?, error = ? WHERE id = ?",
-                [status, error, message_id],
+                "UPDATE messages SET status = ?, error = ?, prompt_tokens = ?, completion_tokens = ?, "
+                "reasoning_tokens = ? WHERE id = ?",
+                [status, error, *(
+                    (usage.prompt_tokens, usage.completion_tokens, usage.reasoning_tokens) if usage else (None,) * 3
+                ), message_id],
             )
             self._bump(db, room)
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 from chunker import SentenceChunker
-from llm import CONTEXT_MESSAGES, MENTION, Model, ModelError, TimedOut, build_context
+from llm import CONTEXT_MESSAGES, MENTION, THINKING, Finished, Model, ModelError, TimedOut, Usage, build_context
 from store import (
     INTERRUPTED_NOTE,
     Message,
@@ -94,6 +94,9 @@ class LiveReply:
         self.room = room
         self.asker = asker
         self.stats = ReplyStats()
+        self.usage: Usage | None = None  # as the provider reported it, at the end
+        self.thinking = False  # the model has shown signs of reasoning
+        self.started_at = time.time()
         self.status = "streaming"
         self.error: str | None = None
         self._pieces: list[str] = []
@@ -167,6 +170,7 @@ class ReplyWorker:
         max_concurrent: int = 4,
         replies_per_minute: int = 5,
         idle_timeout_s: float = 30.0,
+        first_token_timeout_s: float = 120.0,
         chunker: Callable[[], SentenceChunker] = SentenceChunker,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -176,6 +180,7 @@ class ReplyWorker:
         self.max_concurrent = max_concurrent
         self.replies_per_minute = replies_per_minute
         self.idle_timeout_s = idle_timeout_s
+        self.first_token_timeout_s = first_token_timeout_s
         self._chunker = chunker
         self._clock = clock
         self._lock = threading.Lock()
@@ -354,7 +359,7 @@ class ReplyWorker:
             for m in self.store.recent(reply.room, limit=CONTEXT_MESSAGES * 3)
             if m.id != reply.message_id
             and (reply_to is None or m.id <= reply_to)
-            and (m.role == "user" or m.status == "complete")
+            and (m.role == "user" or m.status in ("complete", "truncated"))
         ]
         return build_context(history[-CONTEXT_MESSAGES:], self.system_prompt)
 
@@ -374,24 +379,35 @@ class ReplyWorker:
                 daemon=True,  # it only reads; the reply thread does every write
             )
             pump.start()
+            cut_short = False  # the provider stopped at the token budget
             while True:
+                # A wall clock of its own, for the silence allowed before the
+                # first word and then between words: keep-alive comments (and
+                # chunks with nothing in them) keep the HTTP stream open but
+                # never reach this queue, so they do not count as life.
+                silence = self.idle_timeout_s if reply._length else self.first_token_timeout_s
                 try:
-                    # A wall clock of its own: a provider that sends keep-alive
-                    # comments and no text never trips the HTTP read timeout.
-                    item = reply._wake.get(timeout=self.idle_timeout_s)
+                    item = reply._wake.get(timeout=silence)
                 except queue.Empty:
                     reply._cancelled.set()  # the pump closes the stream when it wakes
-                    raise TimedOut(
-                        f"The model sent nothing for {self.idle_timeout_s:g} seconds, so the reply was ended."
-                    ) from None
+                    raise TimedOut(f"The model sent nothing for {silence:g} seconds, so the reply was ended.") from None
                 if item is _CANCEL or reply.cancelled:
                     status, note = reply._cancel_status, _CANCEL_NOTES.get(reply._cancel_status)
                     break
                 if item is _END:
-                    status, note = "complete", None
+                    status, note = ("truncated", None) if cut_short else ("complete", None)
                     break
                 if isinstance(item, BaseException):
                     raise item
+                if item is THINKING:
+                    reply.thinking = True
+                    continue
+                if isinstance(item, Usage):
+                    reply.usage = item
+                    continue
+                if isinstance(item, Finished):
+                    cut_short = item.reason == "length"
+                    continue
                 reply._add(item)
                 _count_token(reply.stats, item)
                 for chunk in chunker.feed(item):
@@ -414,7 +430,7 @@ class ReplyWorker:
         try:
             self._write(
                 reply,
-                lambda: self.store.finish_reply(reply.message_id, status, note, last_chunk=rest),
+                lambda: self.store.finish_reply(reply.message_id, status, note, last_chunk=rest, usage=reply.usage),
                 attempts=self.final_write_attempts,
             )
             if rest:
@@ -424,7 +440,9 @@ class ReplyWorker:
             log.exception("reply %s could not be saved", reply.message_id)
             with self._lock:
                 self._unsaved_ends.append(
-                    functools.partial(self.store.finish_reply, reply.message_id, status, note, last_chunk=rest)
+                    functools.partial(
+                        self.store.finish_reply, reply.message_id, status, note, last_chunk=rest, usage=reply.usage
+                    )
                 )
             status, note = "error", SAVE_FAILED_NOTE
         with self._lock:
