@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import select
+import socket
 import threading
 import time
 from collections import deque
@@ -40,6 +42,10 @@ class Reply:
     echo: int = 0  # if set, the pieces are the words of the last message, this many times
     tagged: int = 0  # if set, this many words "<tag>w<i>", in sentences of 12, tag = the prompt's last word
     hold: threading.Event | None = None  # after the first piece, wait until the test sets it
+    reasoning: list[str] = field(default_factory=list)  # streamed as reasoning deltas before the pieces
+    reasoning_field: str = "reasoning_content"  # or "reasoning" (OpenRouter, Ollama)
+    think_s: float = 0.0  # silence before the first piece, after the reasoning (if any)
+    usage_figures: dict | None = None  # the usage object to send, instead of counting the pieces
 
 
 @dataclass
@@ -53,10 +59,31 @@ class Sent:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-class FakeOpenAI:
-    """A local chat-completions server; use as a context manager or call close()."""
+# How servers refuse a request field they do not take (HTTP 400), by field.
+REFUSALS = {
+    # OpenAI's reasoning models (o-series, gpt-5), on OpenAI and Azure.
+    "max_tokens": {"message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                              "Use 'max_completion_tokens' instead.",
+                   "type": "invalid_request_error", "param": "max_tokens", "code": "unsupported_parameter"},
+    # Older API versions and some OpenAI-compatible servers.
+    "stream_options": {"message": "Unrecognized request argument supplied: stream_options",
+                       "type": "invalid_request_error", "param": None, "code": None},
+    "max_completion_tokens": {"message": "Unrecognized request argument supplied: max_completion_tokens",
+                              "type": "invalid_request_error", "param": None, "code": None},
+}
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, default: Reply | None = None):
+
+class FakeOpenAI:
+    """A local chat-completions server; use as a context manager or call close().
+
+    ``refuse`` names request fields it refuses with HTTP 400 the way real
+    servers do (see REFUSALS), before taking a queued reply.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, default: Reply | None = None,
+                 refuse: tuple[str, ...] = ()):
+        self.refuse = set(refuse)
+        self.refused: list[str] = []  # the fields refused, one per refused request
         self.queue: deque[Reply] = deque()
         self.default = default or Reply()
         self.requests: list[dict] = []  # {"headers": ..., "body": ...} per request
@@ -121,6 +148,12 @@ def _handler_for(server: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = json.loads(self.rfile.read(length) or b"{}")
+            refused = next((name for name in sorted(server.refuse) if name in body), None)
+            if refused is not None:
+                with server._lock:
+                    server.requests.append({"headers": dict(self.headers), "body": body, "at": time.time()})
+                    server.refused.append(refused)
+                return self._send_error(Reply(status=400, error_body={"error": REFUSALS[refused]}))
             reply, sent = server.next_reply(body, {k.lower(): v for k, v in self.headers.items()})
             with server._lock:
                 server.in_flight += 1
@@ -166,6 +199,12 @@ def _handler_for(server: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             if reply.empty_deltas:
                 self._event(_chunk({"role": "assistant", "content": ""}))
                 self._event(_chunk({"content": None}))
+            for thought in reply.reasoning:
+                if reply.delay_s and server.stopping.wait(reply.delay_s):
+                    return
+                self._event(_chunk({"content": None, reply.reasoning_field: thought}))
+            if reply.think_s and not self._quiet_for(reply.think_s, sent):
+                return
             for piece in pieces:
                 if reply.delay_s and server.stopping.wait(reply.delay_s):
                     return
@@ -194,16 +233,23 @@ def _handler_for(server: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             if reply.finish_reason is not None:
                 self._event(_chunk({}, reply.finish_reason))
             if reply.usage:
-                self._event(
-                    {
-                        **_chunk({}),
-                        "choices": [],
-                        "usage": {"prompt_tokens": 10, "completion_tokens": len(pieces),
-                                  "total_tokens": 10 + len(pieces)},
-                    }
-                )
+                figures = reply.usage_figures or {"prompt_tokens": 10, "completion_tokens": len(pieces),
+                                                  "total_tokens": 10 + len(pieces)}
+                self._event({**_chunk({}), "choices": [], "usage": figures})
             self._write(b"data: [DONE]\n\n")
             self._write(b"")  # the last chunk of the chunked encoding
+
+        def _quiet_for(self, seconds: float, sent: Sent) -> bool:
+            """Send nothing for ``seconds``; False if the client went away (or the server stops) meanwhile."""
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                if server.stopping.wait(0.05):
+                    return False
+                readable, _, _ = select.select([self.connection], [], [], 0)
+                if readable and not self.connection.recv(1, socket.MSG_PEEK):
+                    sent.aborted = True  # closed by the client
+                    return False
+            return True
 
         def _event(self, data: dict) -> None:
             self._write(b"data: " + json.dumps(data).encode() + b"\n\n")

@@ -171,6 +171,23 @@ def test_provider_error_shows_a_note_and_retry_works(env, db_path, server):
     assert KEY not in everything_shown(at)
 
 
+def test_the_sidebar_shows_what_the_latest_reply_cost_in_tokens_and_a_cut_reply_says_so(env, db_path, server):
+    env.setenv("OPENAI_BASE_URL", server.base_url)
+    env.setenv("OPENAI_API_KEY", KEY)
+    figures = {"prompt_tokens": 12, "completion_tokens": 300, "total_tokens": 312,
+               "completion_tokens_details": {"reasoning_tokens": 256}}
+    server.enqueue(Reply(pieces=["A", " long", " answer"], finish_reason="length", usage_figures=figures))
+    at = open_app()
+    at.chat_input[0].set_value("@gpt explain everything").run()
+    at.run()
+    assert not at.exception
+    assert Store(db_path).recent("general")[-1].status == "truncated"
+    assert messages(at)[-1] == ("**GPT**", "A long answer")
+    shown = everything_shown(at)
+    assert "Cut short" in shown
+    assert "12 prompt tokens and 300 completion tokens, 256 of them reasoning" in shown
+
+
 def test_model_name_is_shown_and_the_key_is_not(env, server):
     env.setenv("OPENAI_BASE_URL", server.base_url)
     env.setenv("OPENAI_API_KEY", KEY)

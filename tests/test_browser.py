@@ -5,6 +5,7 @@ openai client; the database is a real SQLite file.
 """
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -291,6 +292,39 @@ def test_a_fast_model_is_drawn_at_most_about_twenty_times_a_second(pages, app, m
     streaming_s = (redraws[-1] - redraws[0]) / 1000
     assert len(redraws) <= streaming_s * 20 * 1.5 + 5, (len(redraws), streaming_s)
     assert len(redraws) >= 5  # and it did stream, rather than jump to the end
+
+
+def test_both_pages_show_how_long_the_model_thinks_and_never_its_reasoning(pages, app, model):
+    room = "thinking"
+    sentences = ["Here is what I concluded.", "It took a while to get there."]
+    model.enqueue(Reply(reasoning=[f"secret step {i} " for i in range(30)], delay_s=0.1, pieces=as_pieces(sentences)))
+    asker, viewer = pages(app, room, "Ada", "Bob")
+    send(asker, "@gpt think hard about this")
+    for page in (asker, viewer):
+        clocks = set()
+        wait_until(lambda: clocks.update(re.findall(r"Thinking… (\d+) s", page.inner_text("body"))) or len(clocks) >= 2)
+    wait_until(lambda: stored_reply(app.db, room)["status"] == "complete")
+    for page in (asker, viewer):
+        wait_until(lambda: assistant_body(page) == " ".join(sentences))
+        assert "Thinking" not in page.inner_text("body")
+        assert "secret" not in page.content()
+    assert stored_reply(app.db, room)["text"] == " ".join(sentences)
+
+
+def test_a_reasoning_model_on_an_openai_like_server_answers_after_thinking_in_silence(start_app, pages, fake):
+    # It refuses max_tokens as OpenAI's reasoning models do, then thinks in
+    # silence for longer than the idle timeout before its first word.
+    fake.refuse = {"max_tokens"}
+    fake.enqueue(Reply(think_s=3, pieces=as_pieces(["Considered at length.", "Here it is."]), delay_s=0.02))
+    app = start_app(OPENAI_MODEL="o4-mini", OPENAI_BASE_URL=fake.base_url, CHAT_IDLE_TIMEOUT_S="1",
+                    CHAT_FIRST_TOKEN_TIMEOUT_S="20")
+    asker = pages(app, "reasoning", "Ada")
+    send(asker, "@gpt a hard question")
+    wait_until(lambda: "Thinking… 2 s" in asker.inner_text("body"))
+    wait_until(lambda: stored_reply(app.db, "reasoning")["status"] == "complete")
+    wait_until(lambda: assistant_body(asker) == "Considered at length. Here it is.")
+    assert fake.refused == ["max_tokens"]
+    assert fake.requests[-1]["body"]["max_completion_tokens"] == 1024
 
 
 # Last, after everything above has run against this app.

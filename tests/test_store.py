@@ -23,10 +23,11 @@ def test_migrations_run_once_and_can_repeat(db_path):
     migrate(store.db)
     Store(db_path)  # a second process start on the same file
     names = [row["name"] for row in store.db.query("SELECT name FROM _migrations")]
-    assert names == ["m001_initial", "m002_reply_owner"]
+    assert names == ["m001_initial", "m002_reply_owner", "m003_usage"]
     assert set(store.db.table_names()) >= {"rooms", "messages", "chunks"}
     assert {c.name for c in store.db["messages"].columns} >= {
-        "id", "room", "author", "role", "status", "error", "created_at", "updated_at", "owner"
+        "id", "room", "author", "role", "status", "error", "created_at", "updated_at", "owner",
+        "prompt_tokens", "completion_tokens", "reasoning_tokens",
     }
 
 

@@ -33,9 +33,11 @@ def make_worker(store, server):
     workers = []
 
     def make(**options):
-        settings = Settings(openai_api_key="sk-test", openai_base_url=server.base_url, idle_timeout_s=2.0)
-        model = options.pop("model", None) or OpenAIModel(make_client(settings), "test-model", idle_timeout_s=2.0)
-        worker = ReplyWorker(store, model, system_prompt="Be brief.", **options)
+        timeouts = {"idle_timeout_s": 2.0, "first_token_timeout_s": 4.0}
+        timeouts.update((name, options.pop(name)) for name in list(timeouts) if name in options)
+        settings = Settings(openai_api_key="sk-test", openai_base_url=server.base_url, **timeouts)
+        model = options.pop("model", None) or OpenAIModel(make_client(settings), "test-model", **timeouts)
+        worker = ReplyWorker(store, model, system_prompt="Be brief.", **timeouts, **options)
         workers.append(worker)
         return worker
 
@@ -419,3 +421,70 @@ def test_a_post_whose_reply_cannot_be_created_stores_no_question(db_path, make_w
         worker.post("general", "Ada", "@gpt hello")
     assert worker.store.recent("general") == []
     assert worker.post("general", "Ada", "no mention, still fine").reply is None  # slot given back
+
+
+# Reasoning models: thinking is progress, budgets and empty replies are explained
+
+
+def test_reasoning_longer_than_the_idle_timeout_then_text_completes_without_the_reasoning(store, server, make_worker):
+    server.enqueue(Reply(reasoning=["private chain of thought "] * 30, delay_s=0.1, pieces=PIECES))  # 3 s; idle 2 s
+    worker = make_worker()
+    reply = ask(store, worker)
+    wait_for_thinking = time.monotonic() + 5
+    while not reply.thinking and time.monotonic() < wait_for_thinking:
+        time.sleep(0.01)
+    assert reply.thinking and reply.text() == ""
+    wait_done(reply)
+    stored = store.get(reply.message_id)
+    assert (stored.status, stored.text) == ("complete", TEXT)
+    assert "private" not in stored.text
+
+
+def test_silent_thinking_longer_than_the_idle_timeout_is_allowed_before_the_first_word(store, server, make_worker):
+    server.enqueue(Reply(think_s=3.0, pieces=PIECES))  # idle 2 s, first token 4 s
+    worker = make_worker()
+    reply = ask(store, worker)
+    wait_done(reply, timeout=10)
+    assert (store.get(reply.message_id).status, store.get(reply.message_id).text) == ("complete", TEXT)
+
+
+def test_silence_past_the_first_token_timeout_ends_the_reply_and_says_how_long(store, server, make_worker):
+    server.enqueue(Reply(think_s=30, pieces=PIECES))
+    worker = make_worker(first_token_timeout_s=1.5)
+    reply = ask(store, worker)
+    wait_done(reply, timeout=10)
+    stored = store.get(reply.message_id)
+    assert (stored.status, stored.text) == ("error", "")
+    assert "sent nothing for 1.5 seconds" in stored.error
+    assert server.sent[-1].done.wait(5), server.sent  # the stream was closed
+
+
+def test_a_reply_cut_at_the_token_budget_is_kept_and_marked(store, server, make_worker):
+    server.enqueue(Reply(pieces=PIECES[:6], finish_reason="length"))
+    worker = make_worker()
+    reply = ask(store, worker)
+    wait_done(reply)
+    stored = store.get(reply.message_id)
+    assert (stored.status, stored.text) == ("truncated", "".join(PIECES[:6]))
+
+
+def test_a_budget_spent_on_reasoning_alone_ends_as_an_error_a_person_can_act_on(store, server, make_worker):
+    server.enqueue(Reply(reasoning=["thinking "] * 10, pieces=[], finish_reason="length"))
+    worker = make_worker()
+    reply = ask(store, worker)
+    wait_done(reply)
+    stored = store.get(reply.message_id)
+    assert (stored.status, stored.text) == ("error", "")
+    assert "OPENAI_MAX_TOKENS" in stored.error
+
+
+def test_the_providers_usage_figures_are_stored_with_the_reply(store, server, make_worker):
+    figures = {"prompt_tokens": 12, "completion_tokens": 300, "total_tokens": 312,
+               "completion_tokens_details": {"reasoning_tokens": 256}}
+    server.enqueue(Reply(pieces=PIECES, usage_figures=figures))
+    worker = make_worker()
+    reply = ask(store, worker)
+    wait_done(reply)
+    stored = store.get(reply.message_id)
+    assert (stored.prompt_tokens, stored.completion_tokens, stored.reasoning_tokens) == (12, 300, 256)
+    assert (reply.usage.prompt_tokens, reply.usage.reasoning_tokens) == (12, 256)
