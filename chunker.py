@@ -3,7 +3,8 @@
 Tokens arrive a few characters at a time. Writing each one would cost a commit
 per token; waiting for the whole reply would leave other viewers with nothing
 to see. ``SentenceChunker`` sits between the two: it buffers tokens and hands
-out a chunk at each sentence end, or when a long run without one (a code
+out a chunk at each sentence end (``。！？`` included, which Chinese and
+Japanese write with no space after), or when a long run without one (a code
 block, a list) has gone on for ``max_chars`` characters or ``max_wait_s``
 seconds. Joining every chunk it returns, then ``flush()``, gives back exactly
 the text that was fed in, however it was split into tokens.
@@ -13,16 +14,26 @@ from __future__ import annotations
 
 import re
 import time
+import unicodedata
 from collections.abc import Callable
 
-# Sentence punctuation (with closing quotes or brackets) before whitespace, or a newline.
-SENTENCE_END = re.compile(r"""[.!?]+["'”’)\]]*(?=\s)|\n""")
+# Sentence punctuation (with closing quotes or brackets) before whitespace; the
+# ideographic full stop, exclamation and question marks of Chinese and Japanese,
+# which no space follows; or a newline.
+SENTENCE_END = re.compile(r"""[.!?]+["'”’)\]]*(?=\s)|[。！？｡．]+[」』）”’"')\]]*(?=[^」』）”’"')\]])|\n""")
+CJK_MARKS = "。！？｡．"
 WORD_BEFORE = re.compile(r"[(\[\"'“‘]*(\S*)$")
 LAST_SPACE = re.compile(r".*\s", re.DOTALL)
 # Words whose trailing dot rarely ends a sentence.
 ABBREVIATIONS = frozenset(
     {"e.g", "i.e", "cf", "vs", "dr", "mr", "mrs", "ms", "prof", "st", "jr", "sr", "no", "fig"}
 )
+
+
+def _width(text: str) -> int:
+    """Characters, counting wide ones (Chinese, Japanese, Korean) twice: a sentence of
+    ten ideographs says about as much as forty Latin letters."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
 
 
 class SentenceChunker:
@@ -80,14 +91,14 @@ class SentenceChunker:
     def _last_sentence_end(self, buffer: str) -> int | None:
         last = None
         for match in SENTENCE_END.finditer(buffer):
-            if match.end() >= self.min_chars and self._ends_sentence(buffer, match):
+            if _width(buffer[: match.end()]) >= self.min_chars and self._ends_sentence(buffer, match):
                 last = match.end()
         return last
 
     @staticmethod
     def _ends_sentence(buffer: str, match: re.Match) -> bool:
         mark = match.group()
-        if mark == "\n" or mark[0] in "!?":
+        if mark == "\n" or mark[0] in "!?" or mark[0] in CJK_MARKS:
             return True
         if mark.startswith(".."):  # an ellipsis trails off mid-sentence more often than not
             return False

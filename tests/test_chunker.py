@@ -24,7 +24,7 @@ def by_char(text, **options):
 
 @st.composite
 def text_and_split(draw):
-    alphabet = st.sampled_from(list("abc XYZ.!?\n\t3,e.g…\"')") + ["é", "🙂", "\u200b", "漢"])
+    alphabet = st.sampled_from(list("abc XYZ.!?\n\t3,e.g…\"')") + ["é", "🙂", "\u200b", "漢", "。", "！", "？", "」"])
     text = draw(st.text(alphabet=alphabet, max_size=600) | st.text(max_size=300))
     cuts = sorted(draw(st.lists(st.integers(0, len(text)), max_size=80)))
     pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
@@ -47,6 +47,14 @@ def test_no_chunk_is_longer_than_the_limit_unless_one_piece_was(case):
     longest_piece = max((len(p) for p in pieces), default=0)
     for chunk in chunk_all(pieces, max_chars=200):
         assert len(chunk) <= max(200, longest_piece)
+
+
+def test_chinese_and_japanese_sentences_end_at_their_own_marks_with_no_space_after():
+    chinese = "今天天气很好。我们去公园散步吧！你觉得怎么样？好的，那就这么定了。"
+    assert by_char(chinese) == ["今天天气很好。我们去公园散步吧！", "你觉得怎么样？好的，那就这么定了。"]
+    japanese = "これはテストです。「本当にそうですか？」と彼は聞いた。はい、そうです！ありがとう。"
+    # A closing bracket stays with its sentence.
+    assert by_char(japanese) == ["これはテストです。「本当にそうですか？」", "と彼は聞いた。はい、そうです！", "ありがとう。"]
 
 
 def test_cuts_at_sentence_ends():

@@ -488,3 +488,17 @@ def test_the_providers_usage_figures_are_stored_with_the_reply(store, server, ma
     stored = store.get(reply.message_id)
     assert (stored.prompt_tokens, stored.completion_tokens, stored.reasoning_tokens) == (12, 300, 256)
     assert (reply.usage.prompt_tokens, reply.usage.reasoning_tokens) == (12, 256)
+
+
+def test_a_chinese_reply_is_stored_at_its_sentence_ends(store, server, make_worker):
+    sentences = ["今天天气很好，我们一起去公园散步吧！", "你觉得这个主意怎么样？", "好的，那就这么定了，下午三点见。", "记得带水。"]
+    text = "".join(sentences)
+    pieces = [text[i : i + 2] for i in range(0, len(text), 2)]  # tokens of one or two characters
+    server.enqueue(Reply(pieces=pieces, delay_s=0.02))
+    worker = make_worker()
+    reply = ask(store, worker, text="@gpt 明天做什么？")
+    wait_done(reply)
+    chunks = [r["text"] for r in store.db.query("SELECT text FROM chunks WHERE message_id = ? ORDER BY seq", [reply.message_id])]
+    assert "".join(chunks) == text
+    assert len(chunks) >= 3
+    assert all(chunk[-1] in "。！？" for chunk in chunks), chunks  # never a forced cut mid-sentence
