@@ -43,7 +43,7 @@ import streamlit as st
 from streamlit_autorefresh import st_autorefresh
 
 from llm import model_from_settings
-from markup import escape_markdown, safe_markdown
+from markup import defines_references, escape_markdown, safe_markdown, split_blocks
 from settings import ConfigError, Settings
 from store import InvalidInput, Message, Store, StoreError, check_name, check_room
 from worker import LiveReply, ReplyRefused, ReplyStats, ReplyWorker
@@ -57,6 +57,7 @@ SPARE_TICK_MS = 30_000  # later ticks only restart live_area should its run ever
 FRAME_S = 0.05  # at most one redraw of the asker's streaming reply per 50 ms
 WAIT_S = 0.5  # the longest live_area waits before it lets Streamlit stop it
 FOLD_AT = 10  # settled messages the live area holds before the page takes them over
+LIVE_BLOCK_BYTES_PER_S = 20_000  # the most a block still being written is sent, per second
 CURSOR = "▌"
 ASSISTANT_AVATAR = ":material/smart_toy:"  # nobody else can have it: the name GPT is reserved
 OWN_AVATAR = "user"
@@ -67,11 +68,14 @@ STATUS_NOTES = {
     "interrupted": "⚠️ Interrupted: the server restarted while this reply was being written.",
 }
 PAGE_STYLE = """<style>
-/* The refresh trigger is an invisible iframe; keep it from adding a gap to the page. */
-.st-key-refresh-trigger { position: absolute; width: 0; height: 0; overflow: hidden; }
+/* The refresh trigger is an invisible iframe, and the flag for this tab's own
+   live reply holds nothing to see; keep them from adding a gap to the page. */
+.st-key-refresh-trigger, [class*="st-key-my-reply-"] { position: absolute; width: 0; height: 0; overflow: hidden; }
 /* Stop is drawn by every full run, outside live_area, and shown only while
    live_area holds this tab's own reply, which may start in a fragment run. */
 .stApp:not(:has([class*="st-key-my-reply-"])) .st-key-stop { display: none; }
+/* It floats above the chat input, where it stays put while the reply grows. */
+.st-key-stop { position: fixed; bottom: 6.5rem; left: 50%; transform: translateX(-50%); z-index: 100; width: auto; }
 </style>"""
 ADJECTIVES = "Brave Calm Clever Curious Eager Gentle Happy Jolly Kind Lively Lucky Merry Quick Sunny Swift Witty".split()
 ANIMALS = "Badger Crane Dolphin Falcon Fox Heron Koala Lynx Marten Otter Owl Panda Puffin Robin Seal Wren".split()
@@ -402,47 +406,36 @@ def live_area(
 
 
 class Tail:
-    """The live area's messages, each in a place of its own, drawn again only when it changed."""
+    """The live area's messages, each a Bubble in a place of its own, updated in place."""
 
     def __init__(self, places: Places, name: str, questions: dict[int, Message]):
+        # A fixed place first: while this tab's own reply is live it holds an
+        # empty container keyed my-reply-<id>, which the page's CSS shows Stop for.
+        self.flag = places.take()
         self.places = places
         self.name = name
         self.questions = dict(questions)
         self.messages: dict[int, Message] = {}
-        self.slots: dict = {}  # message id -> its place
-        self.drawn: dict[int, tuple] = {}  # message id -> (status, text, error) as drawn
+        self.bubbles: dict[int, Bubble] = {}
         self.mine_id: int | None = None
-        self.mine_box = None  # where the asker's own reply's text goes
-        self.mine_shown = ""
-        self.mine_clock = ""  # the thinking clock it shows before the first word
 
     def update(self, messages: list[Message], mine: LiveReply | None) -> None:
         for message in messages:
             self.messages[message.id] = message
             if message.role == "user":
                 self.questions[message.id] = message
-            if message.id not in self.slots:
-                self.slots[message.id] = self.places.take()
+            if message.id not in self.bubbles:
+                self.bubbles[message.id] = Bubble(self.places.take(), message, self.name)
             if mine is not None and message.id == mine.message_id:
                 continue  # drawn from memory by follow()
-            state = self._looks(message)
-            if self.drawn.get(message.id) != state:
-                with self.slots[message.id].container():
-                    render_message(message, self.name)
-                self.drawn[message.id] = state
-                if message.id == self.mine_id:
-                    self.mine_id, self.mine_box, self.mine_shown = None, None, ""
-
-    @staticmethod
-    def _looks(message: Message) -> tuple:
-        """What a message's bubble shows, to tell when it must be drawn again."""
-        clock = thinking(message.created_at) if message.status == "streaming" and not message.text else None
-        return message.status, message.text, message.error, clock
+            self.bubbles[message.id].show(message)
+            if message.id == self.mine_id:
+                self.mine_id = None
+                self.flag.empty()
 
     def tick(self, mine: LiveReply | None) -> None:
         """Move the thinking clocks on: replies with no words yet show how long they have been thinking."""
-        waiting = [m for m in self.messages.values() if m.status == "streaming" and not m.text]
-        self.update(waiting, mine)
+        self.update([m for m in self.messages.values() if m.status == "streaming" and not m.text], mine)
 
     def worth_folding(self) -> bool:
         """Whether the settled messages at the start of the tail should join the page's history.
@@ -455,29 +448,141 @@ class Tail:
 
     def follow(self, reply: LiveReply) -> None:
         """Draw the asker's own reply as it grows: wait for more text, draw it, rest one frame."""
-        if reply.message_id not in self.slots:  # not in this page's tail (never expected)
+        bubble = self.bubbles.get(reply.message_id)
+        if bubble is None:  # not in this page's tail (never expected)
             reply.wait(len(reply.text()), timeout=WAIT_S)
             return
         if self.mine_id != reply.message_id:
-            self.mine_id, self.mine_shown, self.mine_clock = reply.message_id, "", ""
-            with self.slots[reply.message_id].container(key=f"my-reply-{reply.message_id}"):
-                with st.chat_message("assistant", avatar=ASSISTANT_AVATAR):
-                    st.caption("**GPT** · writing…")
-                    self.mine_box = st.empty()
-                    st.empty(), st.empty()  # the note and button places of render_message
-        text, done = reply.wait(len(self.mine_shown), timeout=WAIT_S)
+            self.mine_id = reply.message_id
+            with self.flag.container(key=f"my-reply-{reply.message_id}"):
+                st.html("<span></span>")  # an empty container would not be on the page
+        text, done = reply.wait(len(bubble.text), timeout=WAIT_S)
         if done:
             return  # once it has ended, the store has it, final, for update() to draw
-        if not text:
-            if (clock := thinking(reply.started_at)) != self.mine_clock:
-                self.mine_box.caption(clock)
-                self.mine_clock = clock
-            return
-        if text == self.mine_shown:
-            return
-        self.mine_box.markdown(safe_markdown(text) + CURSOR)
-        self.mine_shown = text
-        time.sleep(FRAME_S)  # tokens arriving meanwhile are drawn together
+        if bubble.show_live(text, reply.started_at):
+            time.sleep(FRAME_S)  # tokens arriving meanwhile are drawn together
+
+
+class Bubble:
+    """One message in the live area: drawn once, then updated in place as it grows.
+
+    Its places never change: author line, text (one element per Markdown
+    block, see BlockView), note. So it only ever grows on the page, which
+    matters in a run that does not end (nothing it stops drawing is cleared).
+    """
+
+    def __init__(self, place, message: Message, name: str):
+        self.name = name
+        self.own = message.role == "user" and message.author == name
+        if message.role == "assistant":
+            bubble = st.chat_message("assistant", avatar=ASSISTANT_AVATAR)
+        elif self.own:
+            bubble = st.chat_message("user", avatar=OWN_AVATAR)
+        else:
+            bubble = st.chat_message(message.author, avatar=OTHER_AVATAR)
+        with place.container(), bubble:
+            self.label_place, self.blocks, self.note_place = st.empty(), BlockView(st.container()), st.empty()
+        self.label = self.note = None
+
+    @property
+    def text(self) -> str:
+        return self.blocks.text
+
+    def show(self, message: Message) -> None:
+        """Draw the message as stored, where it changed."""
+        writing = message.status == "streaming"
+        self._label(f"**{escape_markdown(message.author)}**" + (" · you" if self.own else "")
+                    + (" · writing…" if writing else ""))
+        self.blocks.show(message.text, live=writing)
+        if writing and not message.text:
+            self._note(thinking(message.created_at))
+        elif message.status == "error":
+            self._note(f"⚠️ {message.error or 'This reply failed.'}")
+        else:
+            self._note(STATUS_NOTES.get(message.status))
+
+    def show_live(self, text: str, started_at: float) -> bool:
+        """Draw the asker's own reply from memory; True if its text was drawn again."""
+        self._label("**GPT** · writing…" + (f" ({len(text.encode()) // 1000:,} KB)" if self.blocks.held else ""))
+        self._note(None if text else thinking(started_at))
+        return self.blocks.show(text, live=True)
+
+    def _label(self, label: str) -> None:
+        if label != self.label:
+            self.label_place.caption(label)
+            self.label = label
+
+    def _note(self, note: str | None) -> None:
+        if note != self.note:
+            self.note_place.caption(note) if note else self.note_place.empty()
+            self.note = note
+
+
+class BlockView:
+    """Text drawn as one Markdown element per top-level block (markup.split_blocks).
+
+    A finished block is drawn once; only the last block, still being written,
+    is drawn again as it grows, so a long reply costs the browser bytes in
+    proportion to its length, not to its square. The last block is drawn at
+    most once per FRAME_S, and less often when it is big: at most
+    LIVE_BLOCK_BYTES_PER_S, so that one huge code block cannot bring the
+    square back.
+    """
+
+    def __init__(self, container):
+        self.container = container
+        self.places: list = []
+        self.drawn: list[str] = []  # the Markdown each place shows ("" for none)
+        self.finished: list[str] = []  # blocks that more text cannot change
+        self.whole = False  # the text defines link references: drawn in one piece
+        self.text = ""  # the text as last given
+        self.held = False  # the last block waits, being big
+        self._last_drawn_at = 0.0
+
+    def show(self, text: str, live: bool) -> bool:
+        """Draw what changed; True if anything was drawn."""
+        self.text = text
+        parts = self._parts(text)
+        drew = False
+        for index, part in enumerate(parts):
+            last = index == len(parts) - 1
+            body = safe_markdown(part) + (CURSOR if live and last else "")
+            if index < len(self.drawn) and self.drawn[index] == body:
+                continue
+            self.held = live and last and not self._due(body)
+            if self.held:
+                continue
+            self._draw(index, body)
+            drew = True
+        for index in range(len(parts), len(self.places)):
+            self._draw(index, "")  # a block that re-splitting merged away
+        return drew
+
+    def _parts(self, text: str) -> list[str]:
+        done = sum(map(len, self.finished))
+        if not text.startswith("".join(self.finished)):  # not the same text grown (never expected)
+            self.finished, done = [], 0
+        self.whole = self.whole or defines_references(text[done:])
+        if self.whole:  # blocks before a reference definition may use it: one piece from now on
+            self.finished = []
+            return [text]
+        rest = split_blocks(text[done:])  # only the part not yet finished is parsed again
+        self.finished += rest[:-1]
+        return [*self.finished, rest[-1]]
+
+    def _due(self, body: str) -> bool:
+        wait = max(FRAME_S, len(body.encode()) / LIVE_BLOCK_BYTES_PER_S)
+        return time.monotonic() - self._last_drawn_at >= wait
+
+    def _draw(self, index: int, body: str) -> None:
+        while len(self.places) <= index:
+            with self.container:
+                self.places.append(st.empty())
+            self.drawn.append("")
+        if body != self.drawn[index]:
+            self.places[index].markdown(body) if body.strip() else self.places[index].empty()
+            self.drawn[index] = body
+            self._last_drawn_at = time.monotonic()
 
 
 def stop(worker: ReplyWorker, room: str, tab: str) -> None:

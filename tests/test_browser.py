@@ -327,6 +327,67 @@ def test_a_reasoning_model_on_an_openai_like_server_answers_after_thinking_in_si
     assert fake.requests[-1]["body"]["max_completion_tokens"] == 1024
 
 
+# Every kind of block, with blank lines inside code and math, streamed a few
+# characters at a time so that the split points fall everywhere.
+BLOCKS_REPLY = """Here is the plan, in **three** parts.
+
+1. First step
+   - detail a
+   - detail b
+
+2. Second step, after a blank line
+
+| Name | Value |
+|------|-------|
+| a    | 1     |
+| b    | 2     |
+
+```python
+def double(x):
+
+    return x * 2
+```
+
+$$
+a^2 + b^2 = c^2
+
+\\int_0^1 x \\, dx = \\frac{1}{2}
+$$
+
+> A quote that
+> spans two lines.
+
+Final words with `code`, a [link](https://example.com) and $x^2$ inline."""
+
+# The rendered Markdown of the newest assistant message: its top-level elements, in order.
+RENDERED_BLOCKS = """() => {
+    const replies = [...document.querySelectorAll('[data-testid=stChatMessage]')]
+        .filter(m => m.querySelector('[data-testid=stChatMessageContent]').getAttribute('aria-label').endsWith('assistant'));
+    const last = replies[replies.length - 1];
+    const containers = [...last.querySelectorAll('[data-testid=stMarkdownContainer]')]
+        .filter(e => !e.closest('[data-testid=stCaptionContainer]') && !e.closest('button'));
+    return {elements: containers.length, html: containers.flatMap(c => [...c.children].map(e => e.outerHTML))};
+}"""
+
+
+def test_a_reply_drawn_block_by_block_ends_exactly_as_the_whole_text_renders(pages, app, model):
+    room = "blocks"
+    text = BLOCKS_REPLY
+    model.enqueue(Reply(pieces=[text[i : i + 5] for i in range(0, len(text), 5)], delay_s=0.01))
+    asker, viewer = pages(app, room, "Ada", "Bob")
+    send(asker, "@gpt show me every kind of block")
+    wait_until(lambda: stored_reply(app.db, room)["status"] == "complete")
+    assert stored_reply(app.db, room)["text"] == text
+    late = pages(app, room, "Cy")  # draws the reply as settled history: the whole text in one element
+    whole = late.evaluate(RENDERED_BLOCKS)
+    assert whole["elements"] == 1
+    assert len(whole["html"]) == 7  # paragraph, list, table, code, math, quote, paragraph
+    for page in (asker, viewer):  # drew it block by block while it was written
+        wait_until(lambda: "writing" not in " ".join(m["caption"] for m in messages(page)))
+        shown = page.evaluate(RENDERED_BLOCKS)
+        assert shown["elements"] == 7 and shown["html"] == whole["html"]
+
+
 # Last, after everything above has run against this app.
 def test_the_key_is_not_in_the_logs_or_the_database(app):
     assert KEY not in app.log_text()

@@ -85,3 +85,21 @@ def test_a_viewer_is_sent_each_stored_step_in_place(app, model, connect):
     assert 0 < len(during) <= 10 * len(steps), len(during)
     assert all(path[:2] == during[0][:2] for path in during)
     assert [at for at in viewer.runs if asked <= at <= last] == []
+
+
+def test_a_long_reply_costs_its_readers_bytes_in_proportion_to_its_length(app, model, connect):
+    """Finished Markdown blocks are sent once; only the block being written is sent again."""
+    paragraphs = [" ".join(f"r3w{n * 50 + i}" for i in range(50)) + "." for n in range(40)]
+    text = "\n\n".join(paragraphs)  # 40 paragraphs, 2,000 words, about 16 KB
+    pieces = [text[i : i + 6] for i in range(0, len(text), 6)]
+    model.enqueue(Reply(pieces=pieces, delay_s=0.0015))  # about 4 s
+    viewer, asker = connect("long", "Bea"), connect("long", "Ada")
+    asker.chat("@gpt r3")
+    wait_until(lambda: stored_reply(app.db, "long")["status"] == "complete", timeout=30)
+    assert stored_reply(app.db, "long")["text"] == text
+    wait_until(lambda: len(asker.words.get("r3", {})) == len(viewer.words.get("r3", {})) == 2000)
+    size = len(text.encode())
+    assert len(set(asker.words["r3"].values())) > 40  # the asker saw it grow many times
+    # Redrawing the whole reply at each of those steps would cost 30 times its size and more.
+    assert asker.markdown_bytes < 4 * size, asker.markdown_bytes / size
+    assert viewer.markdown_bytes < 4 * size, viewer.markdown_bytes / size

@@ -37,9 +37,11 @@ class WireSession:
     def __init__(self, url: str, query: str, clock: TickClock):
         parts = urlsplit(url)
         self.query = query
-        self.seen: dict[str, dict[int, float]] = {}  # tag -> word count -> first arrival (epoch s)
+        self.seen: dict[str, dict[int, float]] = {}  # tag -> word count in one element -> first arrival (epoch s)
+        self.words: dict[str, dict[str, float]] = {}  # tag -> tagged word -> first arrival, in any element
         self.elements: list[tuple[float, tuple[int, ...], str]] = []  # (arrival, delta path, element type)
         self.bytes_received = 0
+        self.markdown_bytes = 0  # bytes of Markdown text in the elements received
         self.messages = 0
         self.runs: list[float] = []  # when each script run (full or fragment) finished
         self._clock = clock
@@ -116,6 +118,7 @@ class WireSession:
         which = element.WhichOneof("type")
         self.elements.append((now, tuple(message.metadata.delta_path), which))
         if which == "markdown":
+            self.markdown_bytes += len(element.markdown.body.encode())
             self._note_words(element.markdown.body, now)
         elif which == "chat_input":
             self._chat_input_id = element.chat_input.id
@@ -133,6 +136,7 @@ class WireSession:
         counts: dict[str, int] = {}
         for match in TAGGED_WORD.finditer(body):
             counts[match[1]] = counts.get(match[1], 0) + 1
+            self.words.setdefault(match[1], {}).setdefault(match[0], now)
         for tag, count in counts.items():
             self.seen.setdefault(tag, {}).setdefault(count, now)
 
