@@ -189,8 +189,11 @@ def send(worker: ReplyWorker, room: str, name: str, tab: str) -> None:
     except (StoreError, sqlite3.Error):
         st.session_state.notice = ("Your message could not be saved just now; please try again.", text)
     else:
-        if posted.reply is not None:
-            st.rerun("live")  # only live_area: the room is not sent to the browser again
+        # Only live_area reruns, so the room is not sent to the browser again;
+        # unless the page's last full run may not all be there yet (a new run
+        # drops what the last one had not yet handed to the browser).
+        if posted.reply is not None and time.time() - st.session_state.get("page_drawn_at", 0) > FULL_RUN_FOLLOWS_S:
+            st.rerun("live")
 
 
 def retry(worker: ReplyWorker, room: str, tab: str, question_id: int) -> None:
@@ -311,8 +314,10 @@ class Places:
     """Places for messages in a container, taken in order, each an ``st.empty()``.
 
     Streamlit clears what a run no longer draws only when the run finishes,
-    and the live area's runs do not finish: so each run makes at least as many
-    places as this session's last run made here, and the spare ones stay empty.
+    and the live area's runs do not finish: so once a run has drawn what it
+    has, ``cover()`` empties the places this session's earlier runs filled
+    beyond. It comes last, so that a run cut short leaves the earlier run's
+    messages in place rather than empty places.
     """
 
     def __init__(self, container, key: str):
@@ -320,20 +325,23 @@ class Places:
         self.key = key
         self.places: list = []
         self.taken = 0
-        self.pad(st.session_state.get(key, 0))
 
     def take(self):
         if self.taken == len(self.places):
-            self.pad(self.taken + 1)
+            with self.container:
+                self.places.append(st.empty())
+            self._remember()
         self.taken += 1
         return self.places[self.taken - 1]
 
-    def pad(self, count: int) -> None:
+    def cover(self) -> None:
         with self.container:
-            while len(self.places) < count:
+            while len(self.places) < st.session_state.get(self.key, 0):
                 self.places.append(st.empty())
-        if count > st.session_state.get(self.key, 0):
-            st.session_state[self.key] = count
+
+    def _remember(self) -> None:
+        if len(self.places) > st.session_state.get(self.key, 0):
+            st.session_state[self.key] = len(self.places)
 
 
 def thinking(since: float) -> str:
@@ -384,6 +392,7 @@ def live_area(
         if version != seen or (mine and mine.message_id) != following:
             seen, following = version, mine and mine.message_id
             tail.update(store.recent(room, HISTORY, after_id=after_id), mine)
+            tail.places.cover()
             if tail.worth_folding():
                 st.rerun()  # a full run draws them as settled history, with any Retry buttons
         else:
@@ -593,6 +602,7 @@ def stop(worker: ReplyWorker, room: str, tab: str) -> None:
 
 def main() -> None:
     st.set_page_config(page_title="Chat with @gpt", page_icon="💬")
+    st.session_state.page_drawn_at = time.time()
     settings, store, worker = backend()
     room, name, tab, problems = identify()
     st.chat_input(
@@ -632,6 +642,7 @@ def main() -> None:
             render_message(message, name, retry_button)
     if not history and my_live_reply(worker, room, tab) is None:
         places.take().caption("No messages yet. Say hello, or ask @gpt something.")
+    places.cover()
     if notice := st.session_state.get("notice"):
         with notice_area.container():
             render_notice(*notice)
