@@ -443,7 +443,7 @@ class Tail:
                 with st.chat_message("assistant", avatar=ASSISTANT_AVATAR):
                     st.caption("**GPT** · writing…")
                     self.mine_box = st.empty()
-                    st.empty(), st.empty()  # the note and button places of render_message
+                    _note_place, _button_place = st.empty(), st.empty()  # as render_message lays them out
         text, done = reply.wait(len(self.mine_shown), timeout=WAIT_S)
         if done or text == self.mine_shown:
             return  # once it has ended, the store has it, final, for update() to draw
