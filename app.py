@@ -523,7 +523,10 @@ class Bubble:
 
     def _note(self, note: str | None) -> None:
         if note != self.note:
-            self.note_place.caption(note) if note else self.note_place.empty()
+            if note:
+                self.note_place.caption(note)
+            else:
+                self.note_place.empty()
             self.note = note
 
 
@@ -589,7 +592,10 @@ class BlockView:
                 self.places.append(st.empty())
             self.drawn.append("")
         if body != self.drawn[index]:
-            self.places[index].markdown(body) if body.strip() else self.places[index].empty()
+            if body.strip():
+                self.places[index].markdown(body)
+            else:
+                self.places[index].empty()
             self.drawn[index] = body
             self._last_drawn_at = time.monotonic()
 

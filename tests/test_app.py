@@ -259,3 +259,26 @@ def test_a_refusal_stays_with_the_refused_text_until_the_next_message(env, db_pa
     at.chat_input[0].set_value("short one").run()
     assert not at.warning
     assert Store(db_path).recent("general")[-1].text == "short one"
+
+
+def test_app_has_no_bare_expression_that_magic_would_write():
+    """Streamlit "magic" turns a bare expression statement (anything but a call or
+    a docstring) into st.write(...), on every run, anywhere in app.py."""
+    import ast
+
+    with open(APP) as f:
+        tree = ast.parse(f.read())
+    docstrings = {
+        id(node.body[0])
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        and node.body and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    written = [
+        f"line {node.lineno}: {ast.unparse(node)}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Expr) and id(node) not in docstrings
+        and not isinstance(node.value, (ast.Call, ast.Yield, ast.YieldFrom, ast.Await))
+    ]
+    assert written == []

@@ -411,6 +411,10 @@ def test_asking_right_after_sending_a_message_keeps_the_whole_history_on_the_pag
     model.enqueue(Reply(pieces=as_pieces(["Answered at once."])))
     page.fill(CHAT_INPUT, "a plain message first")
     page.keyboard.press("Enter")
+    # As soon as it shows, as a person would: two Enters within the same few
+    # milliseconds reach the script as one run with only the newer text, since
+    # Streamlit merges rerun requests that are still waiting to start.
+    wait_until(lambda: "a plain message first" in [m["body"] for m in messages(page)])
     page.fill(CHAT_INPUT, "@gpt and a question straight after")
     page.keyboard.press("Enter")
     wait_until(lambda: stored_reply(app.db, "quick")["status"] == "complete")
