@@ -226,7 +226,8 @@ def change_room() -> None:
 # Drawing -------------------------------------------------------------------------
 
 
-def render_sidebar(settings: Settings, worker: ReplyWorker, room: str, name: str) -> None:
+def render_sidebar(settings: Settings, worker: ReplyWorker, room: str, name: str):
+    """Draw the sidebar; return the place of its stats panel, which live_area keeps current."""
     with st.sidebar:
         st.text_input("Your name", value=name, key="name_field", on_change=change_name, max_chars=40)
         st.text_input("Room", value=room, key="room_field", on_change=change_room, max_chars=40)
@@ -245,8 +246,7 @@ def render_sidebar(settings: Settings, worker: ReplyWorker, room: str, name: str
                 "Add an `OPENAI_API_KEY` secret (or `OPENAI_BASE_URL` for a local server) "
                 "to talk to a real model."
             )
-        with st.empty().container():
-            render_stats(worker.latest(room))
+        return st.empty()
 
 
 def render_stats(reply: LiveReply | None) -> None:
@@ -365,7 +365,7 @@ def render_notice(message: str, refused_text: str | None) -> None:
 
 @st.fragment(key="live")
 def live_area(
-    room: str, name: str, tab: str, after_id: int, questions: dict[int, Message], until: float
+    room: str, name: str, tab: str, after_id: int, questions: dict[int, Message], stats_place, until: float
 ) -> None:
     """Everything newer than the page's settled history, kept up to date.
 
@@ -387,6 +387,7 @@ def live_area(
     in_browser = bool(st.context.headers)
     changes = store.changes()
     version, seen, following, followed = store.version(room), None, None, False
+    stats_shown = ()  # what the stats panel shows: never (), so it is drawn on the first pass
     while True:
         mine = my_live_reply(worker, room, tab)
         if version != seen or (mine and mine.message_id) != following:
@@ -397,6 +398,11 @@ def live_area(
                 st.rerun()  # a full run draws them as settled history, with any Retry buttons
         else:
             tail.tick(mine)
+        latest = worker.latest(room)
+        if (figures := latest and (latest.message_id, latest.done, latest.stats.chunks)) != stats_shown:
+            with stats_place.container():  # in the sidebar: they move a sentence at a time for everyone
+                render_stats(latest)
+            stats_shown = figures
         if mine is not None:
             tail.follow(mine)
             followed = True
@@ -615,7 +621,7 @@ def main() -> None:
         f"Message #{room}; mention @gpt to ask the assistant",
         key="chat", on_submit=send, args=(worker, room, name, tab),
     )
-    render_sidebar(settings, worker, room, name)
+    stats_place = render_sidebar(settings, worker, room, name)
     st.html(PAGE_STYLE)
     with st.empty().container():
         for problem in problems:
@@ -653,7 +659,10 @@ def main() -> None:
         with notice_area.container():
             render_notice(*notice)
     with live:
-        live_area(room, name, tab, settled[-1].id if settled else 0, questions, time.time() + FULL_RUN_FOLLOWS_S)
+        live_area(
+            room, name, tab, settled[-1].id if settled else 0, questions,
+            stats_place, time.time() + FULL_RUN_FOLLOWS_S,
+        )
 
 
 main()

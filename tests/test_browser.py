@@ -92,6 +92,41 @@ TRIGGER_LOADS = """() => performance.getEntriesByType('resource')
     .filter(entry => entry.name.includes('st_autorefresh') && entry.initiatorType === 'iframe').length"""
 
 
+def latest_reply_figures(page) -> str:
+    """The sidebar's stats panel, as shown."""
+    sidebar = page.locator("[data-testid=stSidebar]").inner_text()
+    return sidebar[sidebar.find("Latest reply"):]
+
+
+def test_a_short_reply_reaches_a_viewer_in_sentence_steps_and_both_sidebars_show_its_figures(pages, app, model):
+    room = "short"
+    sentences = [f"Short sentence number {n} has exactly eight words." for n in range(1, 16)]
+    model.enqueue(Reply(pieces=as_pieces(sentences), delay_s=0.025))  # 120 tokens at 40 a second: 3 s
+    asker, viewer = pages(app, room, "Ada", "Bob")
+    send(asker, "@gpt a short answer, please")
+    viewer_states, asker_figures_while_writing = [], []
+    wait_until(lambda: model.sent)
+    while not model.sent[-1].done.is_set():
+        body = assistant_body(viewer)
+        if body and body not in viewer_states:
+            viewer_states.append(body)
+        if "Still being written" in (figures := latest_reply_figures(asker)):
+            asker_figures_while_writing.append(figures)
+        time.sleep(0.03)
+    wait_until(lambda: stored_reply(app.db, room)["status"] == "complete")
+    stored = stored_reply(app.db, room)
+    wait_until(lambda: assistant_body(viewer) == stored["text"])
+    # The viewer saw it grow a sentence at a time, at least twice before the end.
+    steps = {"".join(stored["chunks"][:k]) for k in range(1, len(stored["chunks"]))}
+    assert set(viewer_states) - {stored["text"]} <= steps
+    assert len(set(viewer_states) & steps) >= 2, viewer_states
+    # The asker's sidebar followed its own reply too, and ends with what the viewer's shows.
+    assert any(re.search(r"[1-9][0-9]* tokens streamed", f) for f in asker_figures_while_writing)
+    wait_until(lambda: "120 tokens streamed" in latest_reply_figures(asker))
+    wait_until(lambda: latest_reply_figures(viewer) == latest_reply_figures(asker))
+    assert "Still being written" not in latest_reply_figures(viewer)
+
+
 def test_the_refresh_trigger_is_loaded_once_while_replies_come_and_settle(pages, app, model):
     """The trigger keeps its place in the page; a trigger that moves is loaded anew (82 KB of script)."""
     asker, viewer = pages(app, "steady", "Ada", "Bob")
