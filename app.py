@@ -490,12 +490,12 @@ class Bubble:
         self.name = name
         self.own = message.role == "user" and message.author == name
         if message.role == "assistant":
-            bubble = st.chat_message("assistant", avatar=ASSISTANT_AVATAR)
+            who, avatar = "assistant", ASSISTANT_AVATAR
         elif self.own:
-            bubble = st.chat_message("user", avatar=OWN_AVATAR)
+            who, avatar = "user", OWN_AVATAR
         else:
-            bubble = st.chat_message(message.author, avatar=OTHER_AVATAR)
-        with place.container(), bubble:
+            who, avatar = message.author, OTHER_AVATAR
+        with place.container(), st.chat_message(who, avatar=avatar):  # inside its place, which cover() can empty
             self.label_place, self.blocks, self.note_place = st.empty(), BlockView(st.container()), st.empty()
         self.label = self.note = None
 

@@ -6,6 +6,7 @@ openai client; the database is a real SQLite file.
 
 import os
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -182,8 +183,8 @@ def test_stop_keeps_the_partial_text_for_everyone(pages, app, model):
     stored = stored_reply(app.db, room)
     assert 60 < len(stored["text"]) < len(" word" * 300)
     for page in (asker, viewer):
-        wait_until(lambda: any("Stopped" in m["caption"] for m in page.evaluate(READ_MESSAGES)))
-        assert assistant_body(page) == stored["text"]
+        wait_until(lambda: any("Stopped" in m["caption"] for m in messages(page)))
+        assert [m["body"] for m in messages(page)] == ["@gpt talk for a long time", stored["text"]]
     assert model.sent[-1].done.wait(5) and model.sent[-1].aborted  # the model stream was closed
 
 
@@ -334,13 +335,21 @@ def test_a_fast_model_is_drawn_at_most_about_twenty_times_a_second(pages, app, m
 
 def test_both_pages_show_how_long_the_model_thinks_and_never_its_reasoning(pages, app, model):
     room = "thinking"
-    sentences = ["Here is what I concluded.", "It took a while to get there."]
-    model.enqueue(Reply(reasoning=[f"secret step {i} " for i in range(30)], delay_s=0.1, pieces=as_pieces(sentences)))
+    sentences = ["Here is what I concluded.", "It took a while to get there."] + [
+        f"Then came part {n} of the answer." for n in range(1, 6)]
+    model.enqueue(Reply(reasoning=[f"secret step {i} " for i in range(20)], delay_s=0.15, pieces=as_pieces(sentences)))
     asker, viewer = pages(app, room, "Ada", "Bob")
     send(asker, "@gpt think hard about this")
     for page in (asker, viewer):
         clocks = set()
         wait_until(lambda: clocks.update(re.findall(r"Thinking… (\d+) s", page.inner_text("body"))) or len(clocks) >= 2)
+    # Once the first sentence is stored, the clock is gone from both pages
+    # while the reply is still being written (about 7 s of words).
+    wait_until(lambda: stored_reply(app.db, room)["chunks"])
+    for page in (asker, viewer):
+        wait_until(lambda: (assistant_body(page) or "").startswith("Here is what I concluded."))
+        wait_until(lambda: "Thinking" not in page.inner_text("body"))
+    assert stored_reply(app.db, room)["status"] == "streaming"
     wait_until(lambda: stored_reply(app.db, room)["status"] == "complete")
     for page in (asker, viewer):
         wait_until(lambda: assistant_body(page) == " ".join(sentences))
