@@ -104,9 +104,10 @@ def test_a_short_reply_reaches_a_viewer_in_sentence_steps_and_both_sidebars_show
     sentences = [f"Short sentence number {n} has exactly eight words." for n in range(1, 16)]
     model.enqueue(Reply(pieces=as_pieces(sentences), delay_s=0.025))  # 120 tokens at 40 a second: 3 s
     asker, viewer = pages(app, room, "Ada", "Bob")
+    replies_before = len(model.sent)
     send(asker, "@gpt a short answer, please")
     viewer_states, asker_figures_while_writing = [], []
-    wait_until(lambda: model.sent)
+    wait_until(lambda: len(model.sent) > replies_before)
     while not model.sent[-1].done.is_set():
         body = assistant_body(viewer)
         if body and body not in viewer_states:
