@@ -57,6 +57,7 @@ SPARE_TICK_MS = 30_000  # later ticks only restart live_area should its run ever
 FRAME_S = 0.05  # at most one redraw of the asker's streaming reply per 50 ms
 WAIT_S = 0.5  # the longest live_area waits before it lets Streamlit stop it
 FOLD_AT = 10  # settled messages the live area holds before the page takes them over
+STATS_EVERY_S = 1.0  # the sidebar's figures for a reply being written: redrawn at most this often
 LIVE_BLOCK_BYTES_PER_S = 20_000  # the most a block still being written is sent, per second
 CURSOR = "▌"
 ASSISTANT_AVATAR = ":material/smart_toy:"  # nobody else can have it: the name GPT is reserved
@@ -387,7 +388,7 @@ def live_area(
     in_browser = bool(st.context.headers)
     changes = store.changes()
     version, seen, following, followed = store.version(room), None, None, False
-    stats_shown = ()  # what the stats panel shows: never (), so it is drawn on the first pass
+    stats = StatsPanel(stats_place)
     while True:
         mine = my_live_reply(worker, room, tab)
         if version != seen or (mine and mine.message_id) != following:
@@ -398,11 +399,7 @@ def live_area(
                 st.rerun()  # a full run draws them as settled history, with any Retry buttons
         else:
             tail.tick(mine)
-        latest = worker.latest(room)
-        if (figures := latest and (latest.message_id, latest.done, latest.stats.chunks)) != stats_shown:
-            with stats_place.container():  # in the sidebar: they move a sentence at a time for everyone
-                render_stats(latest)
-            stats_shown = figures
+        stats.show(worker.latest(room))
         if mine is not None:
             tail.follow(mine)
             followed = True
@@ -418,6 +415,29 @@ def live_area(
             changes = store.changes()
             version = store.version(room)
         st.session_state.get("notice")  # a point where Streamlit can stop this run
+
+
+class StatsPanel:
+    """The sidebar's figures for the room's latest reply, kept current from the live area.
+
+    While a reply is written they are redrawn at most once a second, as the
+    panel is several times the size of a sentence; when it ends, at once.
+    """
+
+    def __init__(self, place):
+        self.place = place
+        self.shown: tuple | None = ()  # never (): the first show() draws
+        self.drawn_at = 0.0
+
+    def show(self, reply: LiveReply | None) -> None:
+        figures = reply and (reply.message_id, reply.done, reply.stats.chunks)
+        if figures == self.shown:
+            return
+        if figures and self.shown and figures[:2] == self.shown[:2] and time.monotonic() - self.drawn_at < STATS_EVERY_S:
+            return  # the same reply, still being written, drawn less than a second ago
+        with self.place.container():
+            render_stats(reply)
+        self.shown, self.drawn_at = figures, time.monotonic()
 
 
 class Tail:

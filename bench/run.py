@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import asker_bytes
 import asker_latency
 import db_writes
 import scale
@@ -87,10 +88,14 @@ def main() -> None:
     asker_latency.print_table(medians, runs)
     plot_asker(medians, DOCS / "perf-asker-latency.png")
 
-    print("\n3. Viewers")
-    viewers.print_table(viewers.measure(3, 10 if args.quick else 20), 3, 10 if args.quick else 20)
+    print("\n3. The asker's bytes as replies grow")
+    asker_bytes.print_table(asker_bytes.measure())
 
-    print("\n4. Scale")
+    print("\n4. Viewers")
+    phase_s = 15 if args.quick else 30
+    viewers.print_table(viewers.measure(5, phase_s), 5, phase_s)
+
+    print("\n5. Scale")
     scale.print_header()
     scale.measure((5, 20) if args.quick else (5, 10, 20), (1, 5) if args.quick else (1, 3, 5),
                   (40,) if args.quick else (40, 80))

@@ -2,9 +2,9 @@
 
 For 5, 10 and 20 viewer sessions with 1, 3 and 5 replies streaming at once
 (50 tokens/s each, 400 tokens, in a room of 100 messages), then more viewers
-until it breaks. Every session is a ``WireSession`` (bench/wire_client.py):
-the page's side of Streamlit's websocket, autorefresh ticks included, without
-a browser rendering it on the server's own two cores. One Chromium page more
+until it breaks. Every session is a ``WireSession`` (tests/wire_client.py):
+the page's side of Streamlit's websocket, without a browser rendering it on
+the server's own two cores. One Chromium page more
 watches as a viewer, to show what a person sees on screen.
 
 Measured: the askers' p95 latency (token sent to token arriving in the
@@ -73,8 +73,8 @@ def lags(seen: dict, stamps: list[tuple[float, int]], step: int = 1) -> list[tup
 def following(pairs: list[tuple[float, float]], seen: dict) -> list[float]:
     """The lags of sentences stored after the viewer first saw the reply.
 
-    Until then the viewer ticks at the idle interval (5 s); from then on at
-    the busy one (1 s), the interval the staleness target is about.
+    Noticing the reply is itself a step a viewer waits for (the first
+    sentence); after it, what the staleness target is about.
     """
     noticed = min(seen.values(), default=float("inf"))
     return [lag for sent, lag in pairs if sent >= noticed]
@@ -183,7 +183,7 @@ def print_fast(row: dict) -> None:
 
 def print_header() -> None:
     print(f"{RATE} tokens/s, {TOKENS} tokens per reply, 100 messages in the room; ms unless said.")
-    print("asker / viewer: arrival in the session; following: once the viewer has seen the reply (1 s ticks);")
+    print("asker / viewer: arrival in the session; following: once the viewer has seen the reply;")
     print("on screen: the Chromium viewer; load: the sessions, model server and browser driver")
     print(f"{'viewers':>7} {'replies':>7} {'asker p95':>9} {'viewer p50':>10} {'viewer p95':>10} {'following p95':>13} "
           f"{'on screen p95':>13} "

@@ -1,18 +1,20 @@
-"""What viewers cost the server, and how stale their view is, under a few Streamlit settings.
+"""How soon viewers see the room move, and what a viewer costs, under two Streamlit settings.
 
 Starts `streamlit run app.py` once per setting, on a room with 100 messages,
 and opens VIEWERS Chromium pages on it through a byte-counting proxy, so the
-figures are bytes on the wire (after any websocket compression). Two phases:
+figures are bytes on the wire (after any websocket compression). Phases:
 
-  idle     nothing happens in the room (the page ticks every 5 s)
-  writing  a reply in the room grows by one sentence a second (ticks every 1 s,
-           and each stored sentence makes every viewer rerun the page)
+  baseline  the server with no page open, for its own housekeeping
+  idle      the pages are open and nothing happens in the room
+  at rest   every 2 s another connection stores a message in the quiet room
+  writing   a reply in the room grows by one sentence a second
 
 Per viewer: kilobytes per second to the browser and the server's CPU time as a
-percentage of one core; and, while writing, the staleness of each stored
-sentence: from its commit to its being on a viewer's screen (p50, p95).
+percentage of one core over the baseline; and how stale each new message (at
+rest) and each stored sentence (writing) is: from its commit to its being on a
+viewer's screen (p50, p95).
 
-    python bench/viewers.py [--viewers 3] [--phase-s 20]
+    python bench/viewers.py [--viewers 5] [--phase-s 30]
 """
 
 from __future__ import annotations
@@ -29,19 +31,16 @@ from common import CHROMIUM, CHROMIUM_ARGS, ROOT, App
 from store import Store  # noqa: E402
 
 SETTINGS = {
-    "defaults": ["--runner.postScriptGC", "true", "--server.enableWebsocketCompression", "false"],
-    "postScriptGC=false": ["--runner.postScriptGC", "false", "--server.enableWebsocketCompression", "false"],
-    "ws compression": ["--runner.postScriptGC", "true", "--server.enableWebsocketCompression", "true"],
-    "both (this app)": ["--runner.postScriptGC", "false", "--server.enableWebsocketCompression", "true"],
+    "Streamlit defaults": ["--runner.postScriptGC", "true", "--server.enableWebsocketCompression", "false"],
+    "this app": [],  # .streamlit/config.toml: postScriptGC off, websocket compression on
 }
 ROOM = "bench"
-# Notes when each "Sentence N" of the streaming reply shows up on this page.
+# Notes when each "Arrival N" message and each "Sentence N" of the reply shows up on this page.
 OBSERVE = """() => {
     window.__seen = {};
     const look = () => {
-        for (const m of (document.body.innerText.match(/Sentence \\d+ of a reply being written/g) || [])) {
-            const n = +m.split(' ')[1];
-            if (!(n in window.__seen)) window.__seen[n] = performance.timeOrigin + performance.now();
+        for (const m of (document.body.innerText.match(/(Arrival|Sentence) \\d+(?= of)/g) || [])) {
+            if (!(m in window.__seen)) window.__seen[m] = performance.timeOrigin + performance.now();
         }
     };
     new MutationObserver(() => requestAnimationFrame(look))
@@ -66,8 +65,17 @@ def write_sentences(db_path: Path, stop: threading.Event, stored: dict) -> None:
     while not stop.wait(1.0):
         n += 1
         store.append_chunk(reply.id, f"Sentence {n} of a reply being written. ")
-        stored[n] = time.time() * 1000
+        stored[f"Sentence {n}"] = time.time() * 1000
     store.finish_reply(reply.id, "complete")
+
+
+def write_messages(db_path: Path, count: int, stored: dict) -> None:
+    """A message every 2 s from another connection, as another process would; notes each commit."""
+    store = Store(db_path)
+    for n in range(1, count + 1):
+        time.sleep(2.0)
+        store.add_message(ROOM, "Bea", f"Arrival {n} of a message in a quiet room.")
+        stored[f"Arrival {n}"] = time.time() * 1000
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -75,7 +83,7 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
 
 
-def measure(viewers: int = 3, phase_s: float = 20.0) -> list[dict]:
+def measure(viewers: int = 5, phase_s: float = 30.0) -> list[dict]:
     from playwright.sync_api import sync_playwright
 
     rows = []
@@ -86,6 +94,8 @@ def measure(viewers: int = 3, phase_s: float = 20.0) -> list[dict]:
             seed(db_path)
             with App(ROOT / "app.py", {"CHAT_DB_PATH": str(db_path), "OPENAI_API_KEY": "", "OPENAI_BASE_URL": ""},
                      flags) as app:
+                time.sleep(2)
+                baseline = sample(app, 10, 1)
                 pages = []
                 for i in range(viewers):
                     page = browser.new_context().new_page()
@@ -94,24 +104,32 @@ def measure(viewers: int = 3, phase_s: float = 20.0) -> list[dict]:
                 for page in pages:
                     page.wait_for_selector("[data-testid=stChatMessage]", timeout=60_000)
                     page.evaluate(OBSERVE)
-                time.sleep(3)
+                time.sleep(5)
                 idle = sample(app, phase_s, viewers)
-                stop, stored = threading.Event(), {}
-                writer = threading.Thread(target=write_sentences, args=(db_path, stop, stored))
+                arrivals: dict = {}
+                write_messages(db_path, 10, arrivals)
+                time.sleep(2)
+                stop, sentences = threading.Event(), {}
+                writer = threading.Thread(target=write_sentences, args=(db_path, stop, sentences))
                 writer.start()
-                time.sleep(6)  # every viewer has noticed the reply and ticks every second
+                time.sleep(3)
                 writing = sample(app, phase_s, viewers)
                 stop.set()
                 writer.join()
                 time.sleep(2)
-                stale = []
+                at_rest, stale = [], []
                 for page in pages:
                     seen = page.evaluate("() => window.__seen")
-                    stale += [seen[str(n)] - t for n, t in stored.items() if str(n) in seen and n > 6]
+                    at_rest += [seen[k] - t for k, t in arrivals.items() if k in seen]
+                    stale += [seen[k] - t for k, t in sentences.items() if k in seen]
                     page.context.close()
-            rows.append({"setting": label, "idle_kbps": idle[0], "idle_cpu": idle[1], "writing_kbps": writing[0],
-                         "writing_cpu": writing[1], "stale_p50": statistics.median(stale) if stale else float("nan"),
-                         "stale_p95": percentile(stale, 0.95)})
+            missed = viewers * (len(arrivals) + len(sentences)) - len(at_rest) - len(stale)
+            rows.append({"setting": label, "baseline_cpu": baseline[1],
+                         "idle_kbps": idle[0], "idle_cpu": idle[1] - baseline[1] / viewers,
+                         "writing_kbps": writing[0], "writing_cpu": writing[1] - baseline[1] / viewers,
+                         "rest_p50": percentile(at_rest, 0.5), "rest_p95": percentile(at_rest, 0.95),
+                         "stale_p50": percentile(stale, 0.5), "stale_p95": percentile(stale, 0.95),
+                         "missed": missed})
         browser.close()
     return rows
 
@@ -124,18 +142,21 @@ def sample(app: App, seconds: float, viewers: int) -> tuple[float, float]:
 
 
 def print_table(rows: list[dict], viewers: int, phase_s: float) -> None:
-    print(f"{viewers} viewers, {phase_s:g} s per phase, 100 messages in the room; per viewer:")
-    print(f"{'setting':<20} {'idle KB/s':>9} {'idle CPU %':>10} {'writing KB/s':>12} {'writing CPU %':>13} "
-          f"{'stale p50 ms':>12} {'stale p95 ms':>12}")
+    print(f"{viewers} Chromium viewers, {phase_s:g} s idle and {phase_s:g} s writing, 100 messages in the room; "
+          "per viewer, CPU over the server's own (baseline, no page open):")
+    print(f"{'setting':<20} {'baseline CPU %':>14} {'idle KB/s':>9} {'idle CPU %':>10} {'writing KB/s':>12} "
+          f"{'writing CPU %':>13} {'at rest p50 ms':>14} {'at rest p95 ms':>14} {'writing p50 ms':>14} "
+          f"{'writing p95 ms':>14} {'missed':>6}")
     for r in rows:
-        print(f"{r['setting']:<20} {r['idle_kbps']:>9.2f} {r['idle_cpu']:>10.2f} {r['writing_kbps']:>12.2f} "
-              f"{r['writing_cpu']:>13.2f} {r['stale_p50']:>12.0f} {r['stale_p95']:>12.0f}")
+        print(f"{r['setting']:<20} {r['baseline_cpu']:>14.2f} {r['idle_kbps']:>9.2f} {r['idle_cpu']:>10.2f} "
+              f"{r['writing_kbps']:>12.2f} {r['writing_cpu']:>13.2f} {r['rest_p50']:>14.0f} {r['rest_p95']:>14.0f} "
+              f"{r['stale_p50']:>14.0f} {r['stale_p95']:>14.0f} {r['missed']:>6}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--viewers", type=int, default=3)
-    parser.add_argument("--phase-s", type=float, default=20.0)
+    parser.add_argument("--viewers", type=int, default=5)
+    parser.add_argument("--phase-s", type=float, default=30.0)
     args = parser.parse_args()
     print_table(measure(args.viewers, args.phase_s), args.viewers, args.phase_s)
 
