@@ -45,7 +45,8 @@ from streamlit_autorefresh import st_autorefresh
 from llm import model_from_settings
 from markup import defines_references, escape_markdown, safe_markdown, split_blocks
 from settings import ConfigError, Settings
-from store import InvalidInput, Message, Store, StoreError, check_name, check_room
+import store as store_module
+from store import DatabaseUnavailable, InvalidInput, Message, Store, StoreError, check_name, check_room
 from worker import LiveReply, ReplyRefused, ReplyStats, ReplyWorker
 
 DEFAULT_ROOM = "general"
@@ -86,15 +87,18 @@ ANIMALS = "Badger Crane Dolphin Falcon Fox Heron Koala Lynx Marten Otter Owl Pan
 
 
 @st.cache_resource(show_spinner=False)
-def open_store(path: str) -> Store:
-    """One Store per database file and process."""
-    return Store(path)
+def open_store(database: str) -> Store:
+    """One store per database and process: a PostgreSQL URL or an SQLite file.
+
+    A failure is not cached, so the next run of the page tries again.
+    """
+    return store_module.open_store(database)
 
 
 @st.cache_resource(show_spinner=False)
 def start_worker(settings: Settings) -> ReplyWorker:
     """One worker per process, started once: first marks replies a dead process left."""
-    store = open_store(str(settings.db_path))
+    store = open_store(settings.database)
     # A live reply is written to at least this often (thinking before the first word included).
     stale_after_s = max(settings.idle_timeout_s, settings.first_token_timeout_s) + 30
     store.recover_interrupted(stale_after_s)
@@ -120,7 +124,10 @@ def backend() -> tuple[Settings, Store, ReplyWorker]:
         st.error(f"The app is not configured correctly: {error}")
         st.stop()
     try:
-        store = open_store(str(settings.db_path))
+        store = open_store(settings.database)
+    except DatabaseUnavailable as error:
+        st.error(f"{error} The page tries again when you reload it.")
+        st.stop()
     except (sqlite3.Error, OSError) as error:
         st.error(
             f"The chat database at `{settings.db_path}` cannot be opened ({error}). "

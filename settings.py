@@ -32,12 +32,18 @@ class Settings:
     max_tokens: int = 1024
     max_tokens_param: str = "auto"  # which request field carries max_tokens; see llm.token_param()
     db_path: Path = HERE / "chat.db"
+    database_url: str | None = field(default=None, repr=False)  # PostgreSQL; holds a password
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     idle_timeout_s: float = 30.0
     first_token_timeout_s: float = 120.0
     max_concurrent: int = 4
     replies_per_minute: int = 5
     demo_tokens_per_s: float = 40.0
+
+    @property
+    def database(self) -> str:
+        """Where the chat is stored: the PostgreSQL URL when there is one, else the SQLite file."""
+        return self.database_url or str(self.db_path)
 
     @property
     def uses_demo_model(self) -> bool:
@@ -68,7 +74,11 @@ class Settings:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not {value!r}.")
             return value
 
+        database_url = text("DATABASE_URL", None)
+        if database_url and not database_url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError("DATABASE_URL must be a postgresql:// URL (unset, the app uses the SQLite file CHAT_DB_PATH).")
         return cls(
+            database_url=database_url,
             openai_api_key=text("OPENAI_API_KEY", None),
             openai_base_url=text("OPENAI_BASE_URL", None),
             openai_model=text("OPENAI_MODEL", cls.openai_model),

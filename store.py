@@ -62,6 +62,10 @@ class InvalidInput(StoreError, ValueError):
     """Input a person can fix: the message says how."""
 
 
+class DatabaseUnavailable(StoreError):
+    """The database cannot be reached or opened now; the message says which, without secrets."""
+
+
 class NotStreaming(StoreError):
     """A chunk or final status for a reply that is not streaming any more."""
 
@@ -287,6 +291,15 @@ def _is_orphan(owner: str | None, updated_at: float, stale_after_s: float) -> bo
         pass  # it runs, as another user
     # A live pid may be a new process reusing an old one's: only the clock can tell.
     return time.time() - updated_at > stale_after_s
+
+
+def open_store(location: str | Path):
+    """The store at ``location``: a ``postgresql://`` URL (store_pg.PgStore) or an SQLite file (Store)."""
+    if str(location).startswith(("postgresql://", "postgres://")):
+        from store_pg import PgStore
+
+        return PgStore(str(location))
+    return Store(location)
 
 
 class Store:

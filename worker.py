@@ -32,6 +32,7 @@ from chunker import SentenceChunker
 from llm import CONTEXT_MESSAGES, MENTION, THINKING, Finished, Model, ModelError, TimedOut, Usage, build_context
 from store import (
     INTERRUPTED_NOTE,
+    DatabaseUnavailable,
     Message,
     NotStreaming,
     Store,
@@ -461,10 +462,10 @@ class ReplyWorker:
                 write()
                 reply.stats.commits += 1
                 return
-            except sqlite3.OperationalError as error:
-                if attempt == attempts - 1 or "locked" not in str(error):
+            except (sqlite3.OperationalError, DatabaseUnavailable) as error:
+                if attempt == attempts - 1 or not (isinstance(error, DatabaseUnavailable) or "locked" in str(error)):
                     raise
-                log.warning("reply %s: database busy, retrying", reply.message_id)
+                log.warning("reply %s: database busy or unreachable, retrying", reply.message_id)
                 time.sleep(min(0.2 * (attempt + 1), 2.0))
 
 

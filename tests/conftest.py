@@ -9,6 +9,8 @@ When a live test fails, its report shows what each page showed, what the
 database held, and the end of the app's log.
 """
 
+import os
+
 import pytest
 
 from fake_openai import FakeOpenAI
@@ -22,9 +24,39 @@ def db_path(tmp_path):
     return tmp_path / "chat.db"
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """One PostgreSQL server for the whole run (skipped only where it is not installed and CI is unset)."""
+    from postgres import PostgresServer, binaries
+
+    if binaries() is None and not os.environ.get("CI"):
+        pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+ENGINES = ("sqlite", "postgresql")
+
+
+def pytest_generate_tests(metafunc):
+    """A test that uses ``store`` runs on each engine, or on those its ``engines`` mark names."""
+    if "store" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("engines")
+        metafunc.parametrize("engine", marker.args if marker else ENGINES)
+
+
 @pytest.fixture
-def store(db_path):
-    return Store(db_path)
+def store(request, engine, db_path):
+    """The store on one engine: the same tests hold for both."""
+    if engine == "sqlite":
+        yield Store(db_path)
+        return
+    from store_pg import PgStore
+
+    store = PgStore(request.getfixturevalue("postgres").new_database())
+    yield store
+    store.close()
 
 
 @pytest.fixture

@@ -282,3 +282,43 @@ def test_app_has_no_bare_expression_that_magic_would_write():
         and not isinstance(node.value, (ast.Call, ast.Yield, ast.YieldFrom, ast.Await))
     ]
     assert written == []
+
+
+def test_the_chat_works_on_postgresql_when_database_url_is_set(env, db_path, postgres):
+    from store import open_store
+
+    url = postgres.new_database()
+    env.setenv("DATABASE_URL", url)
+    at = open_app("pg", "Ada")
+    at.chat_input[0].set_value("@gpt where do you keep this?").run()
+    assert not at.exception
+    question, answer = open_store(url).recent("pg")
+    assert (question.text, answer.status, answer.reply_to) == ("@gpt where do you keep this?", "complete", question.id)
+    at.run()
+    assert messages(at)[-1] == ("**GPT**", answer.text)
+    assert not db_path.exists()  # nothing went to the SQLite file
+
+
+def test_an_unreachable_database_is_explained_without_its_password_and_tried_again(env, postgres):
+    import psycopg
+
+    name = "chat_not_yet"
+    url = postgres.url.replace("postgres@", "postgres:hunter2-secret@").rsplit("/", 1)[0] + f"/{name}"
+    env.setenv("DATABASE_URL", url)
+    at = open_app()
+    assert not at.exception
+    shown = everything_shown(at) + "\n".join(e.value for e in at.error)
+    assert "cannot be reached" in shown and f"/{name}" in shown
+    assert "hunter2" not in shown
+    with psycopg.connect(postgres.url, autocommit=True) as conn:  # the database comes back
+        conn.execute(f"CREATE DATABASE {name}")
+    at.run()
+    assert not at.error and not at.exception
+    assert at.chat_input
+
+
+def test_a_database_url_that_is_not_postgresql_is_refused(env):
+    env.setenv("DATABASE_URL", "mysql://root:pw@localhost/chat")
+    at = open_app()
+    assert "DATABASE_URL must be a postgresql:// URL" in at.error[0].value
+    assert "pw@" not in at.error[0].value

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from streamlit.testing.v1 import AppTest
 
 from markup import WORD_JOINER
+from postgres import query
 from store import MAX_MESSAGE_CHARS, MAX_NAME_CHARS, InvalidInput, Store
 
 APP = os.path.join(os.path.dirname(__file__), "..", "app.py")
@@ -35,10 +36,8 @@ FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 
 
 def count_rows(store: Store) -> tuple[int, int]:
-    return (
-        store.db.execute("SELECT COUNT(*) FROM messages").fetchone()[0],
-        store.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0],
-    )
+    [(messages, chunks)] = query(store, "SELECT (SELECT COUNT(*) FROM messages) AS m, (SELECT COUNT(*) FROM chunks) AS c")
+    return messages, chunks
 
 
 @FAST

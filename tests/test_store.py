@@ -8,30 +8,34 @@ import time
 from pathlib import Path
 
 import pytest
+from postgres import query
 
 from store import (
     MAX_MESSAGE_CHARS,
     InvalidInput,
     NotStreaming,
     Store,
-    migrate,
+    open_store,
 )
 
 
-def test_migrations_run_once_and_can_repeat(db_path):
-    store = Store(db_path)
-    migrate(store.db)
-    Store(db_path)  # a second process start on the same file
-    names = [row["name"] for row in store.db.query("SELECT name FROM _migrations")]
+
+
+def test_migrations_run_once_and_can_repeat(store, db_path):
+    location = getattr(store, "url", db_path)
+    open_store(location)  # a second process starts on the same database
+    open_store(location)
+    names = [name for (name,) in query(store, "SELECT name FROM _migrations ORDER BY name")]
     assert names == ["m001_initial", "m002_reply_owner", "m003_usage"]
-    assert set(store.db.table_names()) >= {"rooms", "messages", "chunks"}
-    assert {c.name for c in store.db["messages"].columns} >= {
-        "id", "room", "author", "role", "status", "error", "created_at", "updated_at", "owner",
-        "prompt_tokens", "completion_tokens", "reasoning_tokens",
-    }
+    message = store.add_message("general", "Ada", "hi")
+    assert [tuple(query(store, f"SELECT {column} FROM messages"))[0] for column in (
+        "room", "author", "role", "status", "error", "owner", "prompt_tokens", "completion_tokens", "reasoning_tokens",
+    )] == [("general",), ("Ada",), ("user",), ("complete",), (None,), (None,), (None,), (None,), (None,)]
+    assert query(store, "SELECT message_id, seq, text FROM chunks") == [(message.id, 0, "hi")]
 
 
-def test_database_uses_wal_and_a_busy_timeout(store):
+def test_database_uses_wal_and_a_busy_timeout(db_path):
+    store = Store(db_path)
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert store.db.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
 
@@ -53,7 +57,7 @@ def test_reply_is_appended_in_chunks_and_read_whole(store):
     store.finish_reply(reply.id, "complete", last_chunk=" End.")
     final = store.get(reply.id)
     assert (final.text, final.status, final.reply_to) == ("First sentence. Second one. End.", "complete", question.id)
-    stored = [row["text"] for row in store.db.query("SELECT text FROM chunks WHERE message_id = ? ORDER BY seq", [reply.id])]
+    stored = [text for (text,) in query(store, "SELECT text FROM chunks WHERE message_id = ? ORDER BY seq", [reply.id])]
     assert stored == ["First sentence. ", "Second one.", " End."]  # appended, never rewritten
 
 
@@ -92,8 +96,7 @@ def test_room_version_changes_with_every_write_in_that_room_only(store):
     assert v1 < v2 < v3 < store.version("general")
 
 
-def test_recovery_marks_a_dead_process_replies_interrupted_and_keeps_text(db_path, dead_owner):
-    store = Store(db_path)
+def test_recovery_marks_a_dead_process_replies_interrupted_and_keeps_text(store, db_path, dead_owner):
     done = store.start_reply("general")
     store.finish_reply(done.id, "complete", last_chunk="Done.")
     left = store.start_reply("general", owner=dead_owner)
@@ -101,7 +104,7 @@ def test_recovery_marks_a_dead_process_replies_interrupted_and_keeps_text(db_pat
     mine = store.start_reply("general")  # this process is alive and still writing it
     before = store.version("general")
 
-    restarted = Store(db_path)
+    restarted = open_store(getattr(store, "url", db_path))
     assert restarted.recover_interrupted() == 1
     assert restarted.get(left.id).status == "interrupted"
     assert restarted.get(left.id).text == "Half a reply"
@@ -112,8 +115,7 @@ def test_recovery_marks_a_dead_process_replies_interrupted_and_keeps_text(db_pat
     assert restarted.recover_interrupted() == 0
 
 
-def test_recovery_leaves_other_live_processes_replies_alone_until_stale(db_path):
-    store = Store(db_path)
+def test_recovery_leaves_other_live_processes_replies_alone_until_stale(store):
     elsewhere = store.start_reply("general", owner="other-host:123:abc")
     alive_here = store.start_reply("general", owner=f"{socket.gethostname()}:{os.getpid()}:another")
     assert store.recover_interrupted(stale_after_s=60) == 0
@@ -157,8 +159,8 @@ def test_question_and_reply_are_stored_together(store):
 def test_bad_input_is_refused_and_nothing_is_stored(store, room, author, text, complaint):
     with pytest.raises(InvalidInput, match=complaint):
         store.add_message(room, author, text)
-    assert store.db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0
-    assert store.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0] == 0
+    assert query(store, "SELECT COUNT(*) FROM messages") == [(0,)]
+    assert query(store, "SELECT COUNT(*) FROM chunks") == [(0,)]
 
 
 def test_limits_are_inclusive(store):
@@ -172,8 +174,7 @@ def test_names_are_trimmed(store):
     assert store.add_message("general", "  Ada  ", "hi").author == "Ada"
 
 
-def test_eight_threads_append_concurrently_without_loss_or_interleaving(db_path):
-    store = Store(db_path)
+def test_eight_threads_append_concurrently_without_loss_or_interleaving(store):
     replies = [store.start_reply("general").id for _ in range(8)]
     errors = []
 
@@ -273,8 +274,8 @@ def test_a_commit_by_another_process_wakes_the_wait_too(store, db_path):
     seen = store.changes()
     assert store.wait_for_change(seen, timeout=0.3) == seen  # nothing happened: the wait times out
     other = subprocess.run(
-        [sys.executable, "-c", "import sys; from store import Store; Store(sys.argv[1]).add_message('general', 'Bob', 'hi')",
-         str(db_path)],
+        [sys.executable, "-c", "import sys; from store import open_store; open_store(sys.argv[1]).add_message('general', 'Bob', 'hi')",
+         getattr(store, "url", str(db_path))],
         cwd=Path(__file__).parent.parent, check=True,
     )
     assert other.returncode == 0

@@ -6,7 +6,8 @@ import pytest
 from fake_openai import Reply
 from llm import DemoModel, OpenAIModel, make_client
 from settings import Settings
-from store import InvalidInput, Store
+from postgres import query
+from store import InvalidInput, Store, open_store
 from worker import Busy, LiveReply, ReplyWorker, SlowDown
 
 SENTENCES = [
@@ -27,6 +28,11 @@ class FakeClock:
     def __call__(self):
         return self.now
 
+
+# The model stream's timing, faults and reasoning are tested on SQLite only;
+# what the worker stores, on both engines (tests/test_store.py holds the store's contract).
+pytestmark = pytest.mark.engines("sqlite")
+BOTH_ENGINES = pytest.mark.engines("sqlite", "postgresql")
 
 @pytest.fixture
 def make_worker(store, server):
@@ -65,6 +71,7 @@ def wait_for_text(reply: LiveReply, chars: int, timeout=10.0):
     assert len(reply.text()) >= chars
 
 
+@BOTH_ENGINES
 def test_reply_completes_and_is_stored_exactly_as_streamed(store, server, make_worker):
     server.enqueue(Reply(pieces=PIECES))
     worker = make_worker()
@@ -79,12 +86,13 @@ def test_reply_completes_and_is_stored_exactly_as_streamed(store, server, make_w
     assert messages[-1] == {"role": "user", "content": "Ada: @gpt hello"}
 
 
+@BOTH_ENGINES
 def test_reply_is_persisted_once_per_sentence_and_counted(store, server, make_worker):
     server.enqueue(Reply(pieces=PIECES))
     worker = make_worker()
     reply = ask(store, worker)
     wait_done(reply)
-    chunks = [r["text"] for r in store.db.query("SELECT text FROM chunks WHERE message_id = ? ORDER BY seq", [reply.message_id])]
+    chunks = [text for (text,) in query(store, "SELECT text FROM chunks WHERE message_id = ? ORDER BY seq", [reply.message_id])]
     assert chunks == SENTENCES
     stats = reply.stats
     assert stats.tokens == len(PIECES)
@@ -105,6 +113,7 @@ def test_the_asker_follows_token_by_token(store, server, make_worker):
     assert states[-1] == TEXT == store.get(reply.message_id).text
 
 
+@BOTH_ENGINES
 def test_viewer_polling_the_store_sees_only_sentence_boundaries(store, server, make_worker):
     server.enqueue(Reply(pieces=PIECES, delay_s=0.03))
     worker = make_worker()
@@ -137,6 +146,7 @@ def test_follower_attaching_midway_sees_the_same_final_text(store, server, make_
     assert worker.get(reply.message_id).text() == TEXT  # still there once finished
 
 
+@BOTH_ENGINES
 def test_stop_keeps_the_text_so_far_and_closes_the_model_stream(store, server, make_worker):
     server.enqueue(Reply(pieces=["word "] * 400, delay_s=0.01))
     worker = make_worker()
@@ -220,15 +230,16 @@ def test_provider_refusal_stores_an_empty_error_reply(store, server, make_worker
     assert "API key" in stored.error and "sk-test" not in stored.error
 
 
+@BOTH_ENGINES
 def test_concurrency_limit_refuses_clearly_and_stores_nothing(store, server, make_worker):
     server.default = Reply(pieces=["word "] * 100, delay_s=0.02)
     worker = make_worker(max_concurrent=2)
     first = ask(store, worker, asker="Ada")
     second = ask(store, worker, asker="Bob")
-    replies_before = store.db.execute("SELECT COUNT(*) FROM messages WHERE role = 'assistant'").fetchone()[0]
+    replies_before = query(store, "SELECT COUNT(*) FROM messages WHERE role = 'assistant'")
     with pytest.raises(Busy, match="already writing 2 replies"):
         worker.ask("general", "Cy")
-    assert store.db.execute("SELECT COUNT(*) FROM messages WHERE role = 'assistant'").fetchone()[0] == replies_before
+    assert query(store, "SELECT COUNT(*) FROM messages WHERE role = 'assistant'") == replies_before
     first.cancel()
     wait_done(first)
     third = worker.ask("general", "Cy")  # a slot is free again
@@ -249,6 +260,7 @@ def test_rate_limit_per_asker(store, make_worker):
     wait_done(worker.ask("general", "session-ada"))
 
 
+@BOTH_ENGINES
 def test_five_concurrent_replies_lose_nothing(store, server, make_worker):
     server.default = Reply(echo=12, delay_s=0.002)
     worker = make_worker(max_concurrent=5)
@@ -264,13 +276,14 @@ def test_five_concurrent_replies_lose_nothing(store, server, make_worker):
         assert stored.text.count("reply") == 12
 
 
-def test_reply_completes_and_is_stored_when_nobody_follows_it(db_path, server, make_worker):
+@BOTH_ENGINES
+def test_reply_completes_and_is_stored_when_nobody_follows_it(store, db_path, server, make_worker):
     server.enqueue(Reply(pieces=PIECES, delay_s=0.01))
     worker = make_worker()
-    reply = ask(Store(db_path), worker)
+    reply = ask(store, worker)
     message_id = reply.message_id
     del reply  # the asker's session is gone
-    other_viewer = Store(db_path)
+    other_viewer = open_store(getattr(store, "url", db_path))
     deadline = time.monotonic() + 10
     while other_viewer.get(message_id).status == "streaming" and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -278,6 +291,7 @@ def test_reply_completes_and_is_stored_when_nobody_follows_it(db_path, server, m
     assert other_viewer.get(message_id).text == TEXT
 
 
+@BOTH_ENGINES
 def test_shutdown_ends_every_reply_in_a_final_state(store, server, make_worker):
     server.default = Reply(pieces=["word "] * 500, delay_s=0.01)
     worker = make_worker()
@@ -307,6 +321,7 @@ def test_post_stores_a_plain_message_without_a_reply(store, make_worker):
     assert [(m.author, m.text) for m in store.recent("general")] == [("Ada", "just chatting, no mention of the gpt")]
 
 
+@BOTH_ENGINES
 @pytest.mark.parametrize("text", ["@gpt hi", "Hey @GPT, what's up?", "@Gpt"])
 def test_post_with_a_mention_stores_the_question_and_starts_the_reply(store, make_worker, text):
     worker = make_worker(model=DemoModel(tokens_per_s=5000))
@@ -316,6 +331,7 @@ def test_post_with_a_mention_stores_the_question_and_starts_the_reply(store, mak
     assert (question.text, answer.reply_to, answer.status) == (text, question.id, "complete")
 
 
+@BOTH_ENGINES
 def test_refused_posts_store_nothing(store, make_worker):
     clock = FakeClock()
     worker = make_worker(model=DemoModel(tokens_per_s=5000), replies_per_minute=1, clock=clock)
@@ -365,6 +381,7 @@ def test_keep_alive_comments_do_not_keep_a_silent_reply_open(store, server, make
     assert server.sent[-1].done.wait(5)  # the stream was closed too
 
 
+@BOTH_ENGINES
 def test_retry_answers_its_question_without_the_failed_reply(store, server, make_worker):
     worker = make_worker()
     server.enqueue(Reply(pieces=["Half an"], error_event={"message": "boom"}))
@@ -478,6 +495,7 @@ def test_a_budget_spent_on_reasoning_alone_ends_as_an_error_a_person_can_act_on(
     assert "OPENAI_MAX_TOKENS" in stored.error
 
 
+@BOTH_ENGINES
 def test_the_providers_usage_figures_are_stored_with_the_reply(store, server, make_worker):
     figures = {"prompt_tokens": 12, "completion_tokens": 300, "total_tokens": 312,
                "completion_tokens_details": {"reasoning_tokens": 256}}
@@ -498,7 +516,7 @@ def test_a_chinese_reply_is_stored_at_its_sentence_ends(store, server, make_work
     worker = make_worker()
     reply = ask(store, worker, text="@gpt 明天做什么？")
     wait_done(reply)
-    chunks = [r["text"] for r in store.db.query("SELECT text FROM chunks WHERE message_id = ? ORDER BY seq", [reply.message_id])]
+    chunks = [text for (text,) in query(store, "SELECT text FROM chunks WHERE message_id = ? ORDER BY seq", [reply.message_id])]
     assert "".join(chunks) == text
     assert len(chunks) >= 3
     assert all(chunk[-1] in "。！？" for chunk in chunks), chunks  # never a forced cut mid-sentence

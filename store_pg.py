@@ -1,0 +1,351 @@
+"""PostgreSQL storage for chat rooms, through psycopg 3: the same store as store.Store.
+
+Chosen with ``DATABASE_URL=postgresql://...``: for hosted deploys, whose disk
+does not outlive the container, and for several app processes sharing one
+database. Same tables, statuses, append-only chunks, version counter,
+validation and errors as the SQLite store; see store.py for the why.
+
+Connections come from a small pool. Every write is one transaction that ends
+with ``pg_notify('chat_changes', room)``, delivered when it commits: one
+listening connection per Store wakes whoever waits for a change, whichever
+process wrote it, without polling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from store import (
+    ASSISTANT_NAME,
+    FINAL_STATUSES,
+    DatabaseUnavailable,
+    INTERRUPTED_NOTE,
+    PROCESS,
+    Message,
+    NotStreaming,
+    StoreError,
+    _is_orphan,
+    check_name,
+    check_room,
+    check_text,
+)
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "chat_changes"
+LISTEN_RETRY_S = 1.0  # after the listening connection fails, before trying again
+MIGRATION_LOCK = 7_314_002  # pg_advisory_xact_lock key: one process migrates at a time
+CONNECT_TIMEOUT_S = 5  # a page waits at most this long for an unreachable database
+
+
+def describe(url: str) -> str:
+    """The URL as a person may see it: user, host, port and database, never the password."""
+    try:
+        parts = conninfo_to_dict(url)
+    except psycopg.Error:
+        return "the PostgreSQL database in DATABASE_URL (which could not be parsed)"
+    where = f"{parts.get('host', 'localhost')}:{parts.get('port', 5432)}/{parts.get('dbname', '')}"
+    return f"PostgreSQL database {where}" + (f" as {parts['user']}" if parts.get("user") else "")
+
+
+def _without_secrets(error: Exception, url: str) -> str:
+    """An error's first line, with the URL's password taken out should it appear."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    try:
+        password = conninfo_to_dict(url).get("password")
+    except psycopg.Error:
+        password = None
+    return text.replace(password, "***") if password else text
+
+MIGRATIONS: list[Callable[[psycopg.Connection], None]] = []
+migration = MIGRATIONS.append
+
+
+@migration
+def m001_initial(conn: psycopg.Connection) -> None:
+    conn.execute("CREATE TABLE rooms (name TEXT PRIMARY KEY, version BIGINT NOT NULL)")
+    conn.execute(
+        "CREATE TABLE messages (id BIGSERIAL PRIMARY KEY, room TEXT NOT NULL, author TEXT NOT NULL, "
+        "role TEXT NOT NULL, status TEXT NOT NULL, error TEXT, reply_to BIGINT, "
+        "created_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL)"
+    )
+    conn.execute("CREATE INDEX messages_room_id ON messages (room, id)")
+    conn.execute("CREATE INDEX messages_status ON messages (status)")
+    conn.execute(
+        "CREATE TABLE chunks (message_id BIGINT NOT NULL REFERENCES messages (id), seq INTEGER NOT NULL, "
+        "text TEXT NOT NULL, PRIMARY KEY (message_id, seq))"
+    )
+
+
+@migration
+def m002_reply_owner(conn: psycopg.Connection) -> None:
+    conn.execute("ALTER TABLE messages ADD COLUMN owner TEXT")
+
+
+@migration
+def m003_usage(conn: psycopg.Connection) -> None:
+    for column in ("prompt_tokens", "completion_tokens", "reasoning_tokens"):
+        conn.execute(f"ALTER TABLE messages ADD COLUMN {column} INTEGER")
+
+
+def migrate(conn: psycopg.Connection) -> None:
+    """Apply the migrations this database has not seen yet, once, whichever process starts first."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", [MIGRATION_LOCK])
+        conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at DOUBLE PRECISION)")
+        done = {row["name"] for row in conn.execute("SELECT name FROM _migrations")}
+        for step in MIGRATIONS:
+            if step.__name__ not in done:
+                step(conn)
+                conn.execute("INSERT INTO _migrations (name, applied_at) VALUES (%s, %s)", [step.__name__, time.time()])
+
+
+def _listen(store_ref: weakref.ref, url: str) -> None:
+    """Note a change at every commit anyone makes, until the Store is gone; reconnect on failure."""
+    reconnecting = False
+    while store_ref() is not None:
+        try:
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(f"LISTEN {CHANNEL}")
+                if reconnecting and (store := store_ref()) is not None:
+                    store._note_change()  # whatever happened while nobody listened
+                    del store
+                while store_ref() is not None:
+                    for _ in conn.notifies(timeout=1.0, stop_after=1):
+                        if (store := store_ref()) is not None:
+                            store._note_change()
+                        del store
+        except psycopg.Error:
+            log.warning("lost the database's change notifications; listening again in %s s", LISTEN_RETRY_S)
+            reconnecting = True
+            time.sleep(LISTEN_RETRY_S)
+
+
+class PgStore:
+    """The chat database at a ``postgresql://`` URL; safe to share between threads."""
+
+    def __init__(self, url: str, pool_size: int = 10):
+        self.url = url
+        self._changes = 0
+        self._changed = threading.Condition()
+        self._watching = False
+        try:
+            conninfo_to_dict(url)
+        except psycopg.Error as error:
+            raise DatabaseUnavailable(f"DATABASE_URL is not a usable PostgreSQL URL ({_without_secrets(error, url)}).") from None
+        self.pool = ConnectionPool(
+            url, min_size=1, max_size=pool_size, open=False, name="chat", timeout=CONNECT_TIMEOUT_S * 2,
+            kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": CONNECT_TIMEOUT_S},
+        )
+        try:
+            self.pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
+            with self.pool.connection() as conn:
+                migrate(conn)
+        except (psycopg.Error, PoolTimeout) as error:
+            reason = _without_secrets(error, url)
+            self.pool.close()
+            raise DatabaseUnavailable(f"The {describe(url)} cannot be reached or opened: {reason}") from None
+
+    def close(self) -> None:
+        self.pool.close()
+
+    # Writing ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[psycopg.Connection]:
+        """One write transaction; everyone waiting for a change is told once it commits."""
+        try:
+            with self.pool.connection() as conn, conn.transaction():
+                yield conn
+        except (psycopg.OperationalError, PoolTimeout) as error:
+            raise DatabaseUnavailable(f"The {describe(self.url)} is unavailable: {_without_secrets(error, self.url)}") from None
+        self._note_change()
+
+    def add_message(self, room: str, author: str, text: str) -> Message:
+        room, author, text = check_room(room), check_name(author), check_text(text)
+        with self._writing() as conn:
+            message_id = self._insert_message(conn, room, author, "user", "complete", None)
+            self._insert_chunk(conn, message_id, 0, text)
+            self._bump(conn, room)
+        return self.get(message_id)
+
+    def start_reply(self, room: str, reply_to: int | None = None, owner: str = PROCESS) -> Message:
+        room = check_room(room)
+        with self._writing() as conn:
+            message_id = self._insert_reply(conn, room, reply_to, owner)
+            self._bump(conn, room)
+        return self.get(message_id)
+
+    def add_question(self, room: str, author: str, text: str) -> tuple[Message, Message]:
+        room, author, text = check_room(room), check_name(author), check_text(text)
+        with self._writing() as conn:
+            question_id = self._insert_message(conn, room, author, "user", "complete", None)
+            self._insert_chunk(conn, question_id, 0, text)
+            reply_id = self._insert_reply(conn, room, question_id, PROCESS)
+            self._bump(conn, room)
+        return self.get(question_id), self.get(reply_id)
+
+    def append_chunk(self, message_id: int, text: str) -> None:
+        if not text:
+            return
+        with self._writing() as conn:
+            room = self._touch_streaming(conn, message_id)
+            self._insert_chunk(conn, message_id, self._next_seq(conn, message_id), text)
+            self._bump(conn, room)
+
+    def finish_reply(
+        self, message_id: int, status: str, error: str | None = None, last_chunk: str = "", usage=None
+    ) -> None:
+        if status not in FINAL_STATUSES:
+            raise ValueError(f"not a final status: {status!r}")
+        figures = (usage.prompt_tokens, usage.completion_tokens, usage.reasoning_tokens) if usage else (None,) * 3
+        with self._writing() as conn:
+            room = self._touch_streaming(conn, message_id)
+            if last_chunk:
+                self._insert_chunk(conn, message_id, self._next_seq(conn, message_id), last_chunk)
+            conn.execute(
+                "UPDATE messages SET status = %s, error = %s, prompt_tokens = %s, completion_tokens = %s, "
+                "reasoning_tokens = %s WHERE id = %s",
+                [status, error, *figures, message_id],
+            )
+            self._bump(conn, room)
+
+    def recover_interrupted(self, stale_after_s: float = 300.0) -> int:
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT id, room, owner, updated_at FROM messages WHERE status = 'streaming'"
+            ).fetchall()
+        orphans = [row for row in rows if _is_orphan(row["owner"], row["updated_at"], stale_after_s)]
+        count = 0
+        with self._writing() as conn:
+            for row in orphans:
+                count += conn.execute(
+                    "UPDATE messages SET status = 'interrupted', error = %s, updated_at = %s "
+                    "WHERE id = %s AND status = 'streaming' AND updated_at = %s",
+                    [INTERRUPTED_NOTE, time.time(), row["id"], row["updated_at"]],
+                ).rowcount
+                self._bump(conn, row["room"])
+        return count
+
+    # Reading ---------------------------------------------------------------
+
+    def get(self, message_id: int) -> Message:
+        with self.pool.connection() as conn:
+            rows = conn.execute("SELECT * FROM messages WHERE id = %s", [message_id]).fetchall()
+            if not rows:
+                raise StoreError(f"no message {message_id}")
+            return self._with_text(conn, rows)[0]
+
+    def recent(self, room: str, limit: int = 100, after_id: int = 0) -> list[Message]:
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT * FROM (SELECT * FROM messages WHERE room = %s AND id > %s ORDER BY id DESC LIMIT %s) "
+                "AS newest ORDER BY id",
+                [check_room(room), after_id, limit],
+            ).fetchall()
+            return self._with_text(conn, rows)
+
+    def version(self, room: str) -> int:
+        with self.pool.connection() as conn:
+            row = conn.execute("SELECT version FROM rooms WHERE name = %s", [room]).fetchone()
+        return row["version"] if row else 0
+
+    # Waiting for changes ---------------------------------------------------
+
+    def changes(self) -> int:
+        with self._changed:
+            return self._changes
+
+    def wait_for_change(self, seen: int, timeout: float) -> int:
+        """The change counter, as soon as it differs from ``seen``, or after ``timeout`` seconds.
+
+        Any process's commit counts as soon as PostgreSQL delivers its notification.
+        """
+        self._watch()
+        with self._changed:
+            self._changed.wait_for(lambda: self._changes != seen, timeout)
+            return self._changes
+
+    def _note_change(self) -> None:
+        with self._changed:
+            self._changes += 1
+            self._changed.notify_all()
+
+    def _watch(self) -> None:
+        with self._changed:
+            if self._watching:
+                return
+            self._watching = True
+        threading.Thread(
+            target=_listen, args=(weakref.ref(self), self.url), name="store-listen", daemon=True
+        ).start()
+
+    # Internals -------------------------------------------------------------
+
+    @staticmethod
+    def _with_text(conn: psycopg.Connection, rows: list[dict]) -> list[Message]:
+        if not rows:
+            return []
+        texts: dict[int, list[str]] = {row["id"]: [] for row in rows}
+        for chunk in conn.execute(
+            "SELECT message_id, text FROM chunks WHERE message_id = ANY(%s) ORDER BY message_id, seq",
+            [list(texts)],
+        ):
+            texts[chunk["message_id"]].append(chunk["text"])
+        return [Message(text="".join(texts[row["id"]]), **row) for row in rows]
+
+    @staticmethod
+    def _insert_message(conn, room, author, role, status, reply_to, owner=None) -> int:
+        now = time.time()
+        return conn.execute(
+            "INSERT INTO messages (room, author, role, status, reply_to, created_at, updated_at, owner) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+            [room, author, role, status, reply_to, now, now, owner],
+        ).fetchone()["id"]
+
+    @staticmethod
+    def _insert_reply(conn, room: str, reply_to: int | None, owner: str) -> int:
+        return PgStore._insert_message(conn, room, ASSISTANT_NAME, "assistant", "streaming", reply_to, owner)
+
+    @staticmethod
+    def _insert_chunk(conn, message_id: int, seq: int, text: str) -> None:
+        conn.execute("INSERT INTO chunks (message_id, seq, text) VALUES (%s, %s, %s)", [message_id, seq, text])
+
+    @staticmethod
+    def _next_seq(conn, message_id: int) -> int:
+        return conn.execute(
+            "SELECT COALESCE(MAX(seq) + 1, 0) AS seq FROM chunks WHERE message_id = %s", [message_id]
+        ).fetchone()["seq"]
+
+    @staticmethod
+    def _touch_streaming(conn, message_id: int) -> str:
+        """Mark the reply updated and return its room; refuse if it is not streaming.
+
+        The row lock it takes also puts concurrent appends to one reply in line.
+        """
+        row = conn.execute(
+            "UPDATE messages SET updated_at = %s WHERE id = %s AND status = 'streaming' RETURNING room",
+            [time.time(), message_id],
+        ).fetchone()
+        if row is None:
+            raise NotStreaming(f"message {message_id} is not a streaming reply")
+        return row["room"]
+
+    @staticmethod
+    def _bump(conn, room: str) -> None:
+        conn.execute(
+            "INSERT INTO rooms (name, version) VALUES (%s, 1) "
+            "ON CONFLICT (name) DO UPDATE SET version = rooms.version + 1",
+            [room],
+        )
+        conn.execute("SELECT pg_notify(%s, %s)", [CHANNEL, room])
