@@ -134,7 +134,7 @@ def _listen(store_ref: weakref.ref, url: str) -> None:
 class PgStore:
     """The chat database at a ``postgresql://`` URL; safe to share between threads."""
 
-    def __init__(self, url: str, pool_size: int = 10):
+    def __init__(self, url: str, pool_size: int = 10, connect_timeout_s: float = CONNECT_TIMEOUT_S):
         self.url = url
         self._changes = 0
         self._changed = threading.Condition()
@@ -144,11 +144,11 @@ class PgStore:
         except psycopg.Error as error:
             raise DatabaseUnavailable(f"DATABASE_URL is not a usable PostgreSQL URL ({_without_secrets(error, url)}).") from None
         self.pool = ConnectionPool(
-            url, min_size=1, max_size=pool_size, open=False, name="chat", timeout=CONNECT_TIMEOUT_S * 2,
-            kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": CONNECT_TIMEOUT_S},
+            url, min_size=1, max_size=pool_size, open=False, name="chat", timeout=connect_timeout_s * 2,
+            kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": max(1, round(connect_timeout_s))},
         )
         try:
-            self.pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
+            self.pool.open(wait=True, timeout=connect_timeout_s)
             with self.pool.connection() as conn:
                 migrate(conn)
         except (psycopg.Error, PoolTimeout) as error:
@@ -162,13 +162,19 @@ class PgStore:
     # Writing ---------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _writing(self) -> Iterator[psycopg.Connection]:
-        """One write transaction; everyone waiting for a change is told once it commits."""
+    def _reading(self) -> Iterator[psycopg.Connection]:
+        """A connection from the pool; a lost database raises DatabaseUnavailable, without secrets."""
         try:
-            with self.pool.connection() as conn, conn.transaction():
+            with self.pool.connection() as conn:
                 yield conn
         except (psycopg.OperationalError, PoolTimeout) as error:
             raise DatabaseUnavailable(f"The {describe(self.url)} is unavailable: {_without_secrets(error, self.url)}") from None
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[psycopg.Connection]:
+        """One write transaction; everyone waiting for a change is told once it commits."""
+        with self._reading() as conn, conn.transaction():
+            yield conn
         self._note_change()
 
     def add_message(self, room: str, author: str, text: str) -> Message:
@@ -221,7 +227,7 @@ class PgStore:
             self._bump(conn, room)
 
     def recover_interrupted(self, stale_after_s: float = 300.0) -> int:
-        with self.pool.connection() as conn:
+        with self._reading() as conn:
             rows = conn.execute(
                 "SELECT id, room, owner, updated_at FROM messages WHERE status = 'streaming'"
             ).fetchall()
@@ -240,14 +246,14 @@ class PgStore:
     # Reading ---------------------------------------------------------------
 
     def get(self, message_id: int) -> Message:
-        with self.pool.connection() as conn:
+        with self._reading() as conn:
             rows = conn.execute("SELECT * FROM messages WHERE id = %s", [message_id]).fetchall()
             if not rows:
                 raise StoreError(f"no message {message_id}")
             return self._with_text(conn, rows)[0]
 
     def recent(self, room: str, limit: int = 100, after_id: int = 0) -> list[Message]:
-        with self.pool.connection() as conn:
+        with self._reading() as conn:
             rows = conn.execute(
                 "SELECT * FROM (SELECT * FROM messages WHERE room = %s AND id > %s ORDER BY id DESC LIMIT %s) "
                 "AS newest ORDER BY id",
@@ -256,7 +262,7 @@ class PgStore:
             return self._with_text(conn, rows)
 
     def version(self, room: str) -> int:
-        with self.pool.connection() as conn:
+        with self._reading() as conn:
             row = conn.execute("SELECT version FROM rooms WHERE name = %s", [room]).fetchone()
         return row["version"] if row else 0
 

@@ -283,3 +283,20 @@ def test_a_commit_by_another_process_wakes_the_wait_too(store, db_path):
     assert store.wait_for_change(seen, timeout=5) != seen
     assert time.monotonic() - started < 1
     assert [m.text for m in store.recent("general")] == ["hi"]
+
+
+def test_a_lost_postgresql_database_is_reported_without_its_password(postgres):
+    import psycopg
+
+    from store import DatabaseUnavailable
+    from store_pg import PgStore
+
+    url = postgres.new_database().replace("postgres@", "postgres:secret-pw-42@")  # the server trusts 127.0.0.1
+    store = PgStore(url, connect_timeout_s=1)
+    store.add_message("general", "Ada", "before")
+    with psycopg.connect(postgres.url, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE {url.rsplit('/', 1)[1]} WITH (FORCE)")
+    with pytest.raises(DatabaseUnavailable) as lost:
+        store.add_message("general", "Ada", "after")
+    assert "secret-pw-42" not in str(lost.value) and "127.0.0.1" in str(lost.value)
+    store.close()
