@@ -57,7 +57,9 @@ HANDOVER_TICK_MS = 1_000  # a full run's refresh tick, which starts live_area's 
 SPARE_TICK_MS = 30_000  # later ticks only restart live_area should its run ever stop
 FRAME_S = 0.05  # at most one redraw of the asker's streaming reply per 50 ms
 WAIT_S = 0.5  # the longest live_area waits before it lets Streamlit stop it
-FOLD_AT = 10  # settled messages the live area holds before the page takes them over
+FOLD_AT = 10  # settled messages the live area holds before the page takes them over, once the room is quiet
+FOLD_QUIET_S = 3.0  # how long nothing must change first: a fold redraws the page, which delays the next message
+FOLD_ANYWAY_AT = 40  # ... unless the live area holds this many
 STATS_EVERY_S = 1.0  # the sidebar's figures for a reply being written: redrawn at most this often
 LIVE_BLOCK_BYTES_PER_S = 20_000  # the most a block still being written is sent, per second
 CURSOR = "▌"
@@ -395,6 +397,7 @@ def live_area(
     in_browser = bool(st.context.headers)
     changes = store.changes()
     version, seen, following, followed = store.version(room), None, None, False
+    changed_at = time.monotonic()
     stats = StatsPanel(stats_place)
     while True:
         mine = my_live_reply(worker, room, tab)
@@ -402,10 +405,11 @@ def live_area(
             seen, following = version, mine and mine.message_id
             tail.update(store.recent(room, HISTORY, after_id=after_id), mine)
             tail.places.cover()
-            if tail.worth_folding():
-                st.rerun()  # a full run draws them as settled history, with any Retry buttons
+            changed_at = time.monotonic()
         else:
             tail.tick(mine)
+        if tail.worth_folding(quiet_s=time.monotonic() - changed_at):
+            st.rerun()  # a full run draws them as settled history, with any Retry buttons
         stats.show(worker.latest(room))
         if mine is not None:
             tail.follow(mine)
@@ -479,14 +483,18 @@ class Tail:
         """Move the thinking clocks on: replies with no words yet show how long they have been thinking."""
         self.update([m for m in self.messages.values() if m.status == "streaming" and not m.text], mine)
 
-    def worth_folding(self) -> bool:
+    def worth_folding(self, quiet_s: float) -> bool:
         """Whether the settled messages at the start of the tail should join the page's history.
 
-        They should when there are many, or when one of them needs a Retry
-        button (widgets cannot work in this run, which does not end).
+        They should when one of them needs a Retry button (widgets cannot work
+        in this run, which does not end), and when there are many, once the
+        room has been quiet for a moment: a fold is a full run of the page,
+        for every page in the room at once, and would delay the next message.
         """
         settled = list(itertools.takewhile(lambda m: m.is_final, self.messages.values()))
-        return len(settled) >= FOLD_AT or any(retryable(m, self.name, self.questions) for m in settled)
+        if any(retryable(m, self.name, self.questions) for m in settled):
+            return True
+        return len(settled) >= FOLD_ANYWAY_AT or (len(settled) >= FOLD_AT and quiet_s >= FOLD_QUIET_S)
 
     def follow(self, reply: LiveReply) -> None:
         """Draw the asker's own reply as it grows: wait for more text, draw it, rest one frame."""

@@ -86,7 +86,9 @@ def one_reply(browser, app: App, server: FakeOpenAI, rate: float, n: int, path: 
     page = browser.new_context(viewport={"width": 1100, "height": 800}).new_page()
     page.goto(app.url + path.format(room=room))
     page.wait_for_selector("[data-testid=stChatInput] textarea", timeout=30_000)
-    time.sleep(1.0)
+    # As a person types: past the 2 s a page's first full run follows the room
+    # (asking sooner reruns the whole page; see app.send).
+    time.sleep(3.0)
     page.evaluate(OBSERVE)
     server.enqueue(Reply(pieces=tokens(n), delay_s=1 / rate))
     cpu0, bytes0 = app.cpu(), app.proxy.down
