@@ -302,15 +302,54 @@ def open_store(location: str | Path):
     return Store(location)
 
 
-class Store:
-    """The chat database at ``path``; safe to share between threads."""
+class ChangeWaiting:
+    """What both stores share: a counter of the database changes this process has seen, to wait on.
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._local = threading.local()
-        self._changes = 0  # changes to the database this process has seen
+    A write through the store counts at once (``_note_change``); another
+    process's commit counts once the store's watcher, started by the first
+    wait (``_start_watching``), notices it. The database itself is not read
+    while nothing changes.
+    """
+
+    def __init__(self) -> None:
+        self._changes = 0
         self._changed = threading.Condition()
         self._watching = False
+
+    def changes(self) -> int:
+        """The counter now; see wait_for_change."""
+        with self._changed:
+            return self._changes
+
+    def wait_for_change(self, seen: int, timeout: float) -> int:
+        """The change counter, as soon as it differs from ``seen``, or after ``timeout`` seconds."""
+        with self._changed:
+            start, self._watching = not self._watching, True
+        if start:
+            self._start_watching()
+        with self._changed:
+            self._changed.wait_for(lambda: self._changes != seen, timeout)
+            return self._changes
+
+    def _note_change(self) -> None:
+        with self._changed:
+            self._changes += 1
+            self._changed.notify_all()
+
+    def _start_watching(self) -> None:
+        raise NotImplementedError
+
+
+class Store(ChangeWaiting):
+    """The chat database at ``path``; safe to share between threads.
+
+    Another process's commit wakes waiting pages within WATCH_S.
+    """
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        self.path = Path(path)
+        self._local = threading.local()
         migrate(self.db)
 
     @property
@@ -447,37 +486,10 @@ class Store:
         row = self.db.execute("SELECT version FROM rooms WHERE name = ?", [room]).fetchone()
         return row[0] if row else 0
 
-    # Waiting for changes ---------------------------------------------------
+    # Waiting for changes (ChangeWaiting) -------------------------------------
 
-    def changes(self) -> int:
-        """A counter of the changes to the database this process has seen; see wait_for_change."""
-        with self._changed:
-            return self._changes
-
-    def wait_for_change(self, seen: int, timeout: float) -> int:
-        """The change counter, as soon as it differs from ``seen``, or after ``timeout`` seconds.
-
-        A write through this Store counts at once. A commit by another process
-        (or another Store on the same file) counts within WATCH_S: one thread
-        per Store asks SQLite whether anyone else committed. The database
-        itself is not read while nothing changes.
-        """
-        self._watch()
-        with self._changed:
-            self._changed.wait_for(lambda: self._changes != seen, timeout)
-            return self._changes
-
-    def _note_change(self) -> None:
-        with self._changed:
-            self._changes += 1
-            self._changed.notify_all()
-
-    def _watch(self) -> None:
-        """Start the thread that notices other connections' commits, once."""
-        with self._changed:
-            if self._watching:
-                return
-            self._watching = True
+    def _start_watching(self) -> None:
+        """One thread asks SQLite every WATCH_S whether another connection committed."""
         threading.Thread(target=_watch_commits, args=(weakref.ref(self),), name="store-watch", daemon=True).start()
 
     # Internals -------------------------------------------------------------

@@ -28,6 +28,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from store import (
     ASSISTANT_NAME,
     FINAL_STATUSES,
+    ChangeWaiting,
     DatabaseUnavailable,
     INTERRUPTED_NOTE,
     PROCESS,
@@ -131,14 +132,12 @@ def _listen(store_ref: weakref.ref, url: str) -> None:
             time.sleep(LISTEN_RETRY_S)
 
 
-class PgStore:
+class PgStore(ChangeWaiting):
     """The chat database at a ``postgresql://`` URL; safe to share between threads."""
 
     def __init__(self, url: str, pool_size: int = 10, connect_timeout_s: float = CONNECT_TIMEOUT_S):
+        super().__init__()
         self.url = url
-        self._changes = 0
-        self._changed = threading.Condition()
-        self._watching = False
         try:
             conninfo_to_dict(url)
         except psycopg.Error as error:
@@ -266,35 +265,11 @@ class PgStore:
             row = conn.execute("SELECT version FROM rooms WHERE name = %s", [room]).fetchone()
         return row["version"] if row else 0
 
-    # Waiting for changes ---------------------------------------------------
+    # Waiting for changes (store.ChangeWaiting) -------------------------------
 
-    def changes(self) -> int:
-        with self._changed:
-            return self._changes
-
-    def wait_for_change(self, seen: int, timeout: float) -> int:
-        """The change counter, as soon as it differs from ``seen``, or after ``timeout`` seconds.
-
-        Any process's commit counts as soon as PostgreSQL delivers its notification.
-        """
-        self._watch()
-        with self._changed:
-            self._changed.wait_for(lambda: self._changes != seen, timeout)
-            return self._changes
-
-    def _note_change(self) -> None:
-        with self._changed:
-            self._changes += 1
-            self._changed.notify_all()
-
-    def _watch(self) -> None:
-        with self._changed:
-            if self._watching:
-                return
-            self._watching = True
-        threading.Thread(
-            target=_listen, args=(weakref.ref(self), self.url), name="store-listen", daemon=True
-        ).start()
+    def _start_watching(self) -> None:
+        """One listening connection: any process's commit counts as soon as PostgreSQL delivers it."""
+        threading.Thread(target=_listen, args=(weakref.ref(self), self.url), name="store-listen", daemon=True).start()
 
     # Internals -------------------------------------------------------------
 
