@@ -51,7 +51,8 @@ from worker import LiveReply, ReplyRefused, ReplyStats, ReplyWorker
 
 DEFAULT_ROOM = "general"
 TAB_TOKEN = re.compile(r"[0-9a-f]{16}")
-HISTORY = 100  # messages shown
+PAGE_MESSAGES = 30  # messages a page shows at first; "Show earlier messages" adds as many again each time
+LIVE_MESSAGES = 100  # the most the live area draws
 FULL_RUN_FOLLOWS_S = 2.0  # how long a full run follows the room before it ends
 HANDOVER_TICK_MS = 1_000  # a full run's refresh tick, which starts live_area's fragment run
 SPARE_TICK_MS = 30_000  # later ticks only restart live_area should its run ever stop
@@ -231,6 +232,12 @@ def change_room() -> None:
         st.query_params["room"] = check_room(typed)
     except InvalidInput as error:
         st.session_state.sidebar_notice = str(error)
+    else:
+        st.session_state.pop("shown", None)
+
+
+def show_earlier() -> None:
+    st.session_state.shown += PAGE_MESSAGES
 
 
 # Drawing -------------------------------------------------------------------------
@@ -403,7 +410,7 @@ def live_area(
         mine = my_live_reply(worker, room, tab)
         if version != seen or (mine and mine.message_id) != following:
             seen, following = version, mine and mine.message_id
-            tail.update(store.recent(room, HISTORY, after_id=after_id), mine)
+            tail.update(store.recent(room, LIVE_MESSAGES, after_id=after_id), mine)
             tail.places.cover()
             changed_at = time.monotonic()
         else:
@@ -665,11 +672,18 @@ def main() -> None:
     # Fixed places: every run draws each of these, so nothing an earlier run
     # drew is left behind, and the refresh trigger inside live_area is never
     # loaded anew.
-    settled_area, live, notice_area = st.empty(), st.container(), st.empty()
+    earlier_place, settled_area, live, notice_area = st.empty(), st.empty(), st.container(), st.empty()
     # Drawn before live_area, which goes on following the room.
     st.button("Stop", icon=":material/stop_circle:", key="stop", on_click=stop, args=(worker, room, tab))
 
-    history = store.recent(room, HISTORY)
+    # A page shows the room's latest messages only: when a run starts, even a
+    # fragment's, the browser redraws every chat bubble on the page, and with
+    # a hundred of them that held the first token of a reply up by 150 ms.
+    shown = st.session_state.setdefault("shown", PAGE_MESSAGES)
+    history = store.recent(room, shown + 1)
+    if len(history) > shown:
+        history = history[1:]
+        earlier_place.button("Show earlier messages", key="earlier", on_click=show_earlier, type="tertiary")
     # Settled messages are drawn once per full run; from the first reply still
     # being written on, live_area draws them and keeps them fresh.
     split = next((i for i, m in enumerate(history) if m.status == "streaming"), len(history))

@@ -222,13 +222,26 @@ def test_demo_reply_matches_what_the_page_shows(env, db_path):
     assert messages(at)[-1][1] == expected
 
 
-def test_history_shows_the_last_100_messages_newest_at_the_bottom(env, db_path):
+def test_history_shows_the_last_30_messages_newest_at_the_bottom_and_more_on_request(env, db_path):
     store = Store(db_path)
-    for i in range(120):
+    for i in range(70):
         store.add_message("general", "Bob", f"message {i}")
     at = open_app()
-    shown = [body for _, body in messages(at)]
-    assert shown == [f"message {i}" for i in range(20, 120)]
+    assert [body for _, body in messages(at)] == [f"message {i}" for i in range(40, 70)]
+    at.button(key="earlier").click().run()
+    assert [body for _, body in messages(at)] == [f"message {i}" for i in range(10, 70)]
+    at.button(key="earlier").click().run()
+    assert [body for _, body in messages(at)] == [f"message {i}" for i in range(70)]
+    assert "earlier" not in [b.key for b in at.button]
+
+
+def test_a_room_that_fits_on_the_page_has_no_earlier_messages_button(env, db_path):
+    store = Store(db_path)
+    for i in range(30):
+        store.add_message("general", "Bob", f"message {i}")
+    at = open_app()
+    assert len(messages(at)) == 30
+    assert "earlier" not in [b.key for b in at.button]
 
 
 def test_recovery_runs_once_per_process_not_on_every_rerun(env, db_path, dead_owner):
