@@ -9,6 +9,13 @@ Every thread (each Streamlit script run, each reply worker) gets its own
 connection, so WAL readers never wait for a writer. Every write is one
 ``BEGIN IMMEDIATE`` transaction, which waits on ``busy_timeout`` instead of
 failing with "database is locked" halfway through.
+
+Several processes (replicas) may share the database. Each one that writes
+replies beats: it records the time in ``replicas`` every few seconds, and a
+streaming reply whose owner has not beaten for ``STALE_AFTER_S`` is taken to
+be orphaned (see recover_interrupted). Times are epoch seconds from the
+database's own clock, so that replicas agree on them: SQLite is only shared on
+one host, whose clock is ``time.time()``; PostgreSQL's store asks the server.
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 STATUSES = ("complete", "streaming", "stopped", "error", "interrupted", "truncated")
 FINAL_STATUSES = frozenset(STATUSES) - {"streaming"}
 INTERRUPTED_NOTE = "The server restarted while this reply was being written."
+BEAT_EVERY_S = 10.0  # how often a replica writing replies records that it lives
+STALE_AFTER_S = 30.0  # a replica silent this long is gone, and so are its replies
 # This process, as recorded on the replies it writes: host, pid, and a token
 # that tells it apart from an earlier process that had the same pid.
 PROCESS = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -136,6 +145,18 @@ def m003_usage(db: Database) -> None:
     # What a reply cost, as the provider reported it.
     for column in ("prompt_tokens", "completion_tokens", "reasoning_tokens"):
         db["messages"].add_column(column, int)
+
+
+@migration
+def m004_replicas(db: Database) -> None:
+    # The last heartbeat of each process that writes replies, by owner tag.
+    db["replicas"].create({"owner": str, "beat_at": float}, pk="owner", not_null={"beat_at"})
+
+
+# The last sign of life of a streaming reply's owner, in SQL both engines speak:
+# its latest heartbeat; for an owner that never beat (rows from before
+# heartbeats, a NULL owner), the reply's own last change.
+LAST_SIGN_SQL = "COALESCE((SELECT beat_at FROM replicas WHERE replicas.owner = messages.owner), messages.updated_at)"
 
 
 def migrate(db: Database) -> None:
@@ -276,21 +297,37 @@ def _watch_commits(store_ref: weakref.ref) -> None:
         conn.close()
 
 
-def _is_orphan(owner: str | None, updated_at: float, stale_after_s: float) -> bool:
-    if owner == PROCESS:
-        return False
+def _is_orphan(owner: str | None, beat_at: float | None, updated_at: float, now: float, stale_after_s: float) -> bool:
+    """Whether the process writing a streaming reply is gone, ``now`` by the database's clock.
+
+    An owner that beats is alive while its last beat is recent, however long
+    its reply has been silent (a reasoning model may think for minutes), and
+    gone once it is not. An owner that never beat is judged by the reply's
+    last change, or at once when it was a process on this host that has exited.
+    """
+    if beat_at is not None:
+        return now - beat_at > stale_after_s
+    return _exited_here(owner) or now - updated_at > stale_after_s
+
+
+def _last_sign(row: dict) -> float:
+    """LAST_SIGN_SQL of a row that has ``beat_at`` and ``updated_at``."""
+    return row["updated_at"] if row["beat_at"] is None else row["beat_at"]
+
+
+def _exited_here(owner: str | None) -> bool:
+    """True for the owner tag of a process on this host that no longer runs (PROCESS's form)."""
     host, _, rest = (owner or "").partition(":")
     pid = rest.partition(":")[0]
     if host != socket.gethostname() or not pid.isdigit():
-        return time.time() - updated_at > stale_after_s
+        return False
     try:
         os.kill(int(pid), 0)  # is a process with that pid running here?
     except ProcessLookupError:
         return True
     except PermissionError:
         pass  # it runs, as another user
-    # A live pid may be a new process reusing an old one's: only the clock can tell.
-    return time.time() - updated_at > stale_after_s
+    return False  # it runs, or another process took its pid: the clock will tell
 
 
 def open_store(location: str | Path):
@@ -387,13 +424,13 @@ class Store(ChangeWaiting):
             self._bump(db, room)
         return self.get(message_id)
 
-    def add_question(self, room: str, author: str, text: str) -> tuple[Message, Message]:
+    def add_question(self, room: str, author: str, text: str, owner: str = PROCESS) -> tuple[Message, Message]:
         """A person's message and the empty reply to it, stored together or not at all."""
         room, author, text = check_room(room), check_name(author), check_text(text)
         with self._writing() as db:
             question_id = self._insert_message(db, room, author, "user", "complete", None, time.time())
             self._insert_chunk(db, question_id, 0, text)
-            reply_id = self._insert_reply(db, room, question_id, PROCESS)
+            reply_id = self._insert_reply(db, room, question_id, owner)
             self._bump(db, room)
         return self.get(question_id), self.get(reply_id)
 
@@ -435,32 +472,55 @@ class Store(ChangeWaiting):
             )
             self._bump(db, room)
 
-    def recover_interrupted(self, stale_after_s: float = 300.0) -> int:
+    def recover_interrupted(self, stale_after_s: float = STALE_AFTER_S, owner: str = PROCESS) -> int:
         """Mark replies left ``streaming`` by a dead process as ``interrupted``.
 
-        Their text so far is kept. A reply is orphaned when the process that
-        writes it is gone: on this host, its pid no longer runs (or is another
-        process now); elsewhere, it has not changed for ``stale_after_s``.
-        Replies of live processes, this one included, are left alone, so this
+        Their text so far is kept. A reply is orphaned when its owner has not
+        beaten for ``stale_after_s`` (see _is_orphan); the replies of ``owner``
+        (this process) and of every replica that beats are left alone, so this
         is safe to call at start-up and now and then. Returns how many it marked.
         """
+        now = time.time()
         orphans = [
             row
             for row in self.db.query(
-                "SELECT id, room, owner, updated_at FROM messages WHERE status = 'streaming'"
+                "SELECT id, room, owner, updated_at, (SELECT beat_at FROM replicas WHERE replicas.owner = messages.owner) "
+                "AS beat_at FROM messages WHERE status = 'streaming' AND owner IS NOT ?",
+                [owner],
             )
-            if _is_orphan(row["owner"], row["updated_at"], stale_after_s)
+            if _is_orphan(row["owner"], row["beat_at"], row["updated_at"], now, stale_after_s)
         ]
+        if not orphans:
+            return 0
         count = 0
         with self._writing() as db:
             for row in orphans:
-                count += db.execute(
+                # Only if its owner has shown no sign of life since it was read.
+                marked = db.execute(
                     "UPDATE messages SET status = 'interrupted', error = ?, updated_at = ? "
-                    "WHERE id = ? AND status = 'streaming' AND updated_at = ?",
-                    [INTERRUPTED_NOTE, time.time(), row["id"], row["updated_at"]],
+                    f"WHERE id = ? AND status = 'streaming' AND {LAST_SIGN_SQL} = ?",
+                    [INTERRUPTED_NOTE, now, row["id"], _last_sign(row)],
                 ).rowcount
-                self._bump(db, row["room"])
+                if marked:
+                    count += marked
+                    self._bump(db, row["room"])
         return count
+
+    # Replicas ----------------------------------------------------------------
+
+    def beat(self, owner: str = PROCESS) -> None:
+        """Record that ``owner`` lives, now: its streaming replies are not orphans while it beats."""
+        with _immediate(self.db) as db:  # nobody waits for a heartbeat: no change to note
+            db.execute(
+                "INSERT INTO replicas (owner, beat_at) VALUES (?, ?) "
+                "ON CONFLICT (owner) DO UPDATE SET beat_at = excluded.beat_at",
+                [owner, time.time()],
+            )
+
+    def retire(self, owner: str = PROCESS) -> None:
+        """Forget ``owner``'s heartbeat, as it shuts down cleanly."""
+        with _immediate(self.db) as db:
+            db.execute("DELETE FROM replicas WHERE owner = ?", [owner])
 
     # Reading ---------------------------------------------------------------
 

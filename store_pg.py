@@ -9,6 +9,10 @@ Connections come from a small pool. Every write is one transaction that ends
 with ``pg_notify('chat_changes', room)``, delivered when it commits: one
 listening connection per Store wakes whoever waits for a change, whichever
 process wrote it, without polling.
+
+Every time stored (``created_at``, ``updated_at``, heartbeats) is the server's
+``now()`` in epoch seconds, never the writing host's clock: replicas on hosts
+whose clocks differ still agree on whose heartbeat is stale.
 """
 
 from __future__ import annotations
@@ -31,11 +35,14 @@ from store import (
     ChangeWaiting,
     DatabaseUnavailable,
     INTERRUPTED_NOTE,
+    LAST_SIGN_SQL,
     PROCESS,
+    STALE_AFTER_S,
     Message,
     NotStreaming,
     StoreError,
     _is_orphan,
+    _last_sign,
     check_name,
     check_room,
     check_text,
@@ -47,6 +54,7 @@ CHANNEL = "chat_changes"
 LISTEN_RETRY_S = 1.0  # after the listening connection fails, before trying again
 MIGRATION_LOCK = 7_314_002  # pg_advisory_xact_lock key: one process migrates at a time
 CONNECT_TIMEOUT_S = 5  # a page waits at most this long for an unreachable database
+NOW = "EXTRACT(EPOCH FROM now())::DOUBLE PRECISION"  # the server's clock (at the transaction's start)
 
 
 def describe(url: str) -> str:
@@ -97,6 +105,11 @@ def m002_reply_owner(conn: psycopg.Connection) -> None:
 def m003_usage(conn: psycopg.Connection) -> None:
     for column in ("prompt_tokens", "completion_tokens", "reasoning_tokens"):
         conn.execute(f"ALTER TABLE messages ADD COLUMN {column} INTEGER")
+
+
+@migration
+def m004_replicas(conn: psycopg.Connection) -> None:
+    conn.execute("CREATE TABLE replicas (owner TEXT PRIMARY KEY, beat_at DOUBLE PRECISION NOT NULL)")
 
 
 def migrate(conn: psycopg.Connection) -> None:
@@ -191,12 +204,12 @@ class PgStore(ChangeWaiting):
             self._bump(conn, room)
         return self.get(message_id)
 
-    def add_question(self, room: str, author: str, text: str) -> tuple[Message, Message]:
+    def add_question(self, room: str, author: str, text: str, owner: str = PROCESS) -> tuple[Message, Message]:
         room, author, text = check_room(room), check_name(author), check_text(text)
         with self._writing() as conn:
             question_id = self._insert_message(conn, room, author, "user", "complete", None)
             self._insert_chunk(conn, question_id, 0, text)
-            reply_id = self._insert_reply(conn, room, question_id, PROCESS)
+            reply_id = self._insert_reply(conn, room, question_id, owner)
             self._bump(conn, room)
         return self.get(question_id), self.get(reply_id)
 
@@ -225,22 +238,44 @@ class PgStore(ChangeWaiting):
             )
             self._bump(conn, room)
 
-    def recover_interrupted(self, stale_after_s: float = 300.0) -> int:
+    def recover_interrupted(self, stale_after_s: float = STALE_AFTER_S, owner: str = PROCESS) -> int:
         with self._reading() as conn:
             rows = conn.execute(
-                "SELECT id, room, owner, updated_at FROM messages WHERE status = 'streaming'"
+                "SELECT id, room, owner, updated_at, (SELECT beat_at FROM replicas WHERE replicas.owner = messages.owner) "
+                f"AS beat_at, {NOW} AS now FROM messages WHERE status = 'streaming' AND owner IS DISTINCT FROM %s",
+                [owner],
             ).fetchall()
-        orphans = [row for row in rows if _is_orphan(row["owner"], row["updated_at"], stale_after_s)]
+        orphans = [
+            row for row in rows if _is_orphan(row["owner"], row["beat_at"], row["updated_at"], row["now"], stale_after_s)
+        ]
+        if not orphans:
+            return 0
         count = 0
         with self._writing() as conn:
             for row in orphans:
-                count += conn.execute(
-                    "UPDATE messages SET status = 'interrupted', error = %s, updated_at = %s "
-                    "WHERE id = %s AND status = 'streaming' AND updated_at = %s",
-                    [INTERRUPTED_NOTE, time.time(), row["id"], row["updated_at"]],
+                marked = conn.execute(
+                    f"UPDATE messages SET status = 'interrupted', error = %s, updated_at = {NOW} "
+                    f"WHERE id = %s AND status = 'streaming' AND {LAST_SIGN_SQL} = %s",
+                    [INTERRUPTED_NOTE, row["id"], _last_sign(row)],
                 ).rowcount
-                self._bump(conn, row["room"])
+                if marked:
+                    count += marked
+                    self._bump(conn, row["room"])
         return count
+
+    # Replicas ----------------------------------------------------------------
+
+    def beat(self, owner: str = PROCESS) -> None:
+        with self._reading() as conn:  # one statement, no notification: nobody waits for a heartbeat
+            conn.execute(
+                f"INSERT INTO replicas (owner, beat_at) VALUES (%s, {NOW}) "
+                "ON CONFLICT (owner) DO UPDATE SET beat_at = EXCLUDED.beat_at",
+                [owner],
+            )
+
+    def retire(self, owner: str = PROCESS) -> None:
+        with self._reading() as conn:
+            conn.execute("DELETE FROM replicas WHERE owner = %s", [owner])
 
     # Reading ---------------------------------------------------------------
 
@@ -287,11 +322,10 @@ class PgStore(ChangeWaiting):
 
     @staticmethod
     def _insert_message(conn, room, author, role, status, reply_to, owner=None) -> int:
-        now = time.time()
         return conn.execute(
             "INSERT INTO messages (room, author, role, status, reply_to, created_at, updated_at, owner) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
-            [room, author, role, status, reply_to, now, now, owner],
+            f"VALUES (%s, %s, %s, %s, %s, {NOW}, {NOW}, %s) RETURNING id",
+            [room, author, role, status, reply_to, owner],
         ).fetchone()["id"]
 
     @staticmethod
@@ -315,8 +349,8 @@ class PgStore(ChangeWaiting):
         The row lock it takes also puts concurrent appends to one reply in line.
         """
         row = conn.execute(
-            "UPDATE messages SET updated_at = %s WHERE id = %s AND status = 'streaming' RETURNING room",
-            [time.time(), message_id],
+            f"UPDATE messages SET updated_at = {NOW} WHERE id = %s AND status = 'streaming' RETURNING room",
+            [message_id],
         ).fetchone()
         if row is None:
             raise NotStreaming(f"message {message_id} is not a streaming reply")

@@ -11,6 +11,10 @@ cannot be generated inside one. ``ReplyWorker`` (one per process, held in
 The pump thread only reads the model, so that a stop takes effect at once even
 while the model is silent. The reply thread owns all writes for its reply and
 always ends it in a final status.
+
+Several processes (replicas) may share one database. Each worker's pulse
+thread beats (Store.beat) from construction to shutdown, so that the others'
+housekeeping never takes its replies for orphans, however long a model thinks.
 """
 
 from __future__ import annotations
@@ -31,7 +35,10 @@ from typing import NamedTuple
 from chunker import SentenceChunker
 from llm import CONTEXT_MESSAGES, MENTION, THINKING, Finished, Model, ModelError, TimedOut, Usage, build_context
 from store import (
+    BEAT_EVERY_S,
     INTERRUPTED_NOTE,
+    PROCESS,
+    STALE_AFTER_S,
     DatabaseUnavailable,
     Message,
     NotStreaming,
@@ -44,6 +51,7 @@ from store import (
 log = logging.getLogger(__name__)
 
 KEEP_FINISHED = 200  # finished replies kept in memory for late followers and stats
+TIDY_EVERY_S = 10.0  # housekeeping: a dead replica's replies end interrupted within STALE_AFTER_S + this
 WRITE_ATTEMPTS = 3  # each attempt already waits up to the store's busy timeout
 FINAL_WRITE_ATTEMPTS = 12  # the final status matters most: about a minute of locks
 _CANCEL_NOTES = {"interrupted": INTERRUPTED_NOTE}
@@ -159,7 +167,11 @@ class LiveReply:
 
 
 class ReplyWorker:
-    """Starts, tracks and limits assistant replies for the whole process."""
+    """Starts, tracks and limits assistant replies for the whole process.
+
+    ``owner`` tags the replies it writes and its heartbeat, one per replica;
+    a replica that has not beaten for ``stale_after_s`` counts as gone.
+    """
 
     final_write_attempts = FINAL_WRITE_ATTEMPTS
 
@@ -174,6 +186,9 @@ class ReplyWorker:
         first_token_timeout_s: float = 120.0,
         chunker: Callable[[], SentenceChunker] = SentenceChunker,
         clock: Callable[[], float] = time.monotonic,
+        owner: str = PROCESS,
+        stale_after_s: float = STALE_AFTER_S,
+        beat_every_s: float = BEAT_EVERY_S,
     ):
         self.store = store
         self.model = model
@@ -192,6 +207,12 @@ class ReplyWorker:
         self._closed = False
         self._unsaved_ends: list[Callable[[], None]] = []  # final writes to try again
         self.totals = ReplyStats()
+        self.owner = owner
+        self.stale_after_s = stale_after_s
+        self.beat_every_s = beat_every_s
+        self._stirred = threading.Condition(self._lock)  # wakes the pulse and housekeeping threads
+        self._pulse_thread = threading.Thread(target=self._pulse, name="reply-worker-pulse", daemon=True)
+        self._pulse_thread.start()
 
     # Public ------------------------------------------------------------------
 
@@ -207,7 +228,7 @@ class ReplyWorker:
         asker = asker or author
         stamp = self._reserve(asker)
         try:
-            question, message = self.store.add_question(room, author, text)
+            question, message = self.store.add_question(room, author, text, owner=self.owner)
         except BaseException:
             self._release(asker, stamp)
             raise
@@ -217,7 +238,7 @@ class ReplyWorker:
         """Start a reply to message ``reply_to`` (a retry), or raise ReplyRefused."""
         stamp = self._reserve(asker)
         try:
-            message = self.store.start_reply(check_room(room), reply_to)
+            message = self.store.start_reply(check_room(room), reply_to, owner=self.owner)
         except BaseException:
             self._release(asker, stamp)
             raise
@@ -242,15 +263,20 @@ class ReplyWorker:
         return max(in_room, key=lambda reply: reply.message_id, default=None)
 
     def shutdown(self, timeout: float = 10.0) -> bool:
-        """End every reply as interrupted and wait for each to be stored; True if all ended in time."""
+        """End every reply as interrupted and wait for each to be stored; True if all ended in time.
+
+        Then the heartbeat stops and this replica's row is removed.
+        """
         with self._lock:
             self._closed = True
             running = list(self._active.values())
+            self._stirred.notify_all()
         for reply, _ in running:
             reply.cancel("interrupted")
         deadline = time.monotonic() + timeout
         for _, thread in running:
             thread.join(max(0.0, deadline - time.monotonic()))
+        self._pulse_thread.join(max(0.0, deadline - time.monotonic()))
         return not any(thread.is_alive() for _, thread in running)
 
     def shutdown_with_process(self, timeout: float = 5.0) -> None:
@@ -267,18 +293,20 @@ class ReplyWorker:
 
         threading.Thread(target=watch, name="reply-worker-exit", daemon=True).start()
 
-    def start_housekeeping(self, stale_after_s: float, interval_s: float = 30.0) -> None:
+    def start_housekeeping(self, interval_s: float = TIDY_EVERY_S) -> None:
         """Every ``interval_s``: retry final writes that failed, and mark replies
-        of processes that died (see Store.recover_interrupted) as interrupted."""
+        of replicas that died (see Store.recover_interrupted) as interrupted."""
 
         def tidy() -> None:
-            while not self._closed:
-                time.sleep(interval_s)
-                self.tidy(stale_after_s)
+            while True:
+                with self._lock:
+                    if self._stirred.wait_for(lambda: self._closed, interval_s):
+                        return
+                self.tidy()
 
         threading.Thread(target=tidy, name="reply-worker-housekeeping", daemon=True).start()
 
-    def tidy(self, stale_after_s: float) -> None:
+    def tidy(self) -> None:
         with self._lock:
             pending, self._unsaved_ends = self._unsaved_ends, []
         for finish in pending:
@@ -290,9 +318,29 @@ class ReplyWorker:
                 with self._lock:
                     self._unsaved_ends.append(finish)
         try:
-            self.store.recover_interrupted(stale_after_s)
+            self.store.recover_interrupted(self.stale_after_s, owner=self.owner)
         except Exception:
             log.exception("could not check for interrupted replies")
+
+    # The pulse thread ----------------------------------------------------------
+
+    def _pulse(self) -> None:
+        """Beat every beat_every_s until shutdown has ended every reply; then retire."""
+        while True:
+            self._beat()
+            with self._lock:
+                if self._stirred.wait_for(lambda: self._closed and not self._active, self.beat_every_s):
+                    break
+        try:
+            self.store.retire(self.owner)
+        except Exception:
+            log.warning("could not remove replica %s from the database", self.owner, exc_info=True)
+
+    def _beat(self) -> None:
+        try:
+            self.store.beat(self.owner)
+        except Exception:
+            log.warning("replica %s could not beat; trying again in %g s", self.owner, self.beat_every_s, exc_info=True)
 
     # Limits ------------------------------------------------------------------
 
@@ -448,6 +496,7 @@ class ReplyWorker:
             status, note = "error", SAVE_FAILED_NOTE
         with self._lock:
             self._active.pop(reply.message_id, None)
+            self._stirred.notify_all()
             self._finished[reply.message_id] = reply
             while len(self._finished) > KEEP_FINISHED:
                 self._finished.popitem(last=False)

@@ -70,8 +70,9 @@ class PostgresServer:
 
 
 def query(store, sql: str, params=()) -> list[tuple]:
-    """Rows of a query, as tuples, on a store of either engine (written with ? placeholders)."""
+    """Rows of a query, as tuples, on a store of either engine (written with ? placeholders); [] for a write."""
     if hasattr(store, "db"):  # SQLite
         return [tuple(row) for row in store.db.execute(sql, list(params)).fetchall()]
     with store.pool.connection() as conn:
-        return [tuple(row.values()) for row in conn.execute(sql.replace("?", "%s"), list(params)).fetchall()]
+        cursor = conn.execute(sql.replace("?", "%s"), list(params))
+        return [tuple(row.values()) for row in cursor.fetchall()] if cursor.description else []

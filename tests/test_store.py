@@ -11,6 +11,7 @@ import pytest
 from postgres import query
 
 from store import (
+    INTERRUPTED_NOTE,
     MAX_MESSAGE_CHARS,
     InvalidInput,
     NotStreaming,
@@ -26,7 +27,8 @@ def test_migrations_run_once_and_can_repeat(store, db_path):
     open_store(location)  # a second process starts on the same database
     open_store(location)
     names = [name for (name,) in query(store, "SELECT name FROM _migrations ORDER BY name")]
-    assert names == ["m001_initial", "m002_reply_owner", "m003_usage"]
+    assert names == ["m001_initial", "m002_reply_owner", "m003_usage", "m004_replicas"]
+    assert query(store, "SELECT COUNT(*) FROM replicas") == [(0,)]
     message = store.add_message("general", "Ada", "hi")
     assert [tuple(query(store, f"SELECT {column} FROM messages"))[0] for column in (
         "room", "author", "role", "status", "error", "owner", "prompt_tokens", "completion_tokens", "reasoning_tokens",
@@ -122,6 +124,61 @@ def test_recovery_leaves_other_live_processes_replies_alone_until_stale(store):
     time.sleep(0.2)
     assert store.recover_interrupted(stale_after_s=0.1) == 2  # silent too long: gone
     assert {store.get(m.id).status for m in (elsewhere, alive_here)} == {"interrupted"}
+
+
+def test_a_reply_whose_owner_beats_is_left_alone_however_old_and_one_whose_owner_stopped_is_not(store, other_store):
+    store.beat("replica-a")
+    thinking = store.start_reply("general", owner="replica-a")
+    store.append_chunk(thinking.id, "Let me think. ")
+    store.beat("replica-c")
+    orphan = store.start_reply("general", owner="replica-c")
+    store.append_chunk(orphan.id, "Half a reply")
+    query(store, "UPDATE messages SET created_at = created_at - 10800, updated_at = updated_at - 10800 WHERE id = ?",
+          [thinking.id])  # silent for three hours, but its replica beats
+    query(store, "UPDATE replicas SET beat_at = beat_at - 60 WHERE owner = 'replica-c'")  # its replica is gone
+    before = store.version("general")
+
+    assert other_store.recover_interrupted(stale_after_s=30, owner="replica-b") == 1
+    assert store.get(thinking.id).status == "streaming"
+    interrupted = store.get(orphan.id)
+    assert (interrupted.status, interrupted.text, interrupted.error) == ("interrupted", "Half a reply", INTERRUPTED_NOTE)
+    assert store.version("general") > before
+
+    query(store, "UPDATE replicas SET beat_at = beat_at - 31 WHERE owner = 'replica-a'")  # now replica-a stops too
+    assert other_store.recover_interrupted(stale_after_s=30, owner="replica-b") == 1
+    assert (store.get(thinking.id).status, store.get(thinking.id).text) == ("interrupted", "Let me think. ")
+
+
+def test_a_replica_never_interrupts_its_own_replies(store):
+    store.beat("replica-a")
+    mine = store.start_reply("general", owner="replica-a")
+    query(store, "UPDATE replicas SET beat_at = beat_at - 60")
+    assert store.recover_interrupted(stale_after_s=30, owner="replica-a") == 0
+    assert store.recover_interrupted(stale_after_s=30, owner="replica-b") == 1
+    assert store.get(mine.id).status == "interrupted"
+
+
+def test_a_reply_whose_owner_never_beat_is_judged_by_its_last_change(store):
+    from_before_heartbeats = store.start_reply("general", owner="old-host:1:abc")
+    nobody = store.start_reply("general")
+    query(store, "UPDATE messages SET owner = NULL WHERE id = ?", [nobody.id])
+    assert store.recover_interrupted(stale_after_s=30) == 0
+    query(store, "UPDATE messages SET updated_at = updated_at - 31")
+    assert store.recover_interrupted(stale_after_s=30) == 2
+    assert {store.get(m.id).status for m in (from_before_heartbeats, nobody)} == {"interrupted"}
+
+
+def test_a_heartbeat_is_kept_per_owner_and_removed_on_retiring(store):
+    store.beat("replica-a")
+    store.beat("replica-b")
+    [(first,)] = query(store, "SELECT beat_at FROM replicas WHERE owner = 'replica-a'")
+    assert abs(first - time.time()) < 5  # epoch seconds
+    time.sleep(0.05)
+    store.beat("replica-a")
+    [(second,)] = query(store, "SELECT beat_at FROM replicas WHERE owner = 'replica-a'")
+    assert second > first
+    store.retire("replica-a")
+    assert query(store, "SELECT owner FROM replicas") == [("replica-b",)]
 
 
 def test_question_and_reply_are_stored_together(store):

@@ -1,5 +1,8 @@
 import sqlite3
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -7,7 +10,7 @@ from fake_openai import Reply
 from llm import DemoModel, OpenAIModel, make_client
 from settings import Settings
 from postgres import query
-from store import InvalidInput, Store, open_store
+from store import INTERRUPTED_NOTE, InvalidInput, Store, open_store
 from worker import Busy, LiveReply, ReplyWorker, SlowDown
 
 SENTENCES = [
@@ -43,7 +46,7 @@ def make_worker(store, server):
         timeouts.update((name, options.pop(name)) for name in list(timeouts) if name in options)
         settings = Settings(openai_api_key="sk-test", openai_base_url=server.base_url, **timeouts)
         model = options.pop("model", None) or OpenAIModel(make_client(settings), "test-model", **timeouts)
-        worker = ReplyWorker(store, model, system_prompt="Be brief.", **timeouts, **options)
+        worker = ReplyWorker(options.pop("store", store), model, system_prompt="Be brief.", **timeouts, **options)
         workers.append(worker)
         return worker
 
@@ -420,9 +423,9 @@ def test_a_final_write_that_keeps_failing_is_retried_later(db_path, server):
     wait_done(reply)
     assert reply.status == "error"  # as far as anyone following it can tell
     assert store.get(reply.message_id).status == "streaming"
-    worker.tidy(stale_after_s=60)  # still locked: tries again later
+    worker.tidy()  # still locked: tries again later
     assert store.get(reply.message_id).status == "streaming"
-    worker.tidy(stale_after_s=60)
+    worker.tidy()
     stored = store.get(reply.message_id)
     assert (stored.status, stored.text) == ("complete", TEXT)
     worker.shutdown()
@@ -438,6 +441,7 @@ def test_a_post_whose_reply_cannot_be_created_stores_no_question(db_path, make_w
         worker.post("general", "Ada", "@gpt hello")
     assert worker.store.recent("general") == []
     assert worker.post("general", "Ada", "no mention, still fine").reply is None  # slot given back
+    worker.shutdown()
 
 
 # Reasoning models: thinking is progress, budgets and empty replies are explained
@@ -520,3 +524,80 @@ def test_a_chinese_reply_is_stored_at_its_sentence_ends(store, server, make_work
     assert "".join(chunks) == text
     assert len(chunks) >= 3
     assert all(chunk[-1] in "。！？" for chunk in chunks), chunks  # never a forced cut mid-sentence
+
+
+# Several replicas on one database
+
+
+def beats_of(store, owner: str) -> list[float]:
+    return [beat_at for (beat_at,) in query(store, "SELECT beat_at FROM replicas WHERE owner = ?", [owner])]
+
+
+def wait_until(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert condition()
+
+
+@BOTH_ENGINES
+def test_a_replica_beats_while_it_lives_and_leaves_at_shutdown(store, make_worker):
+    worker = make_worker(model=DemoModel(tokens_per_s=5000), owner="replica-a", beat_every_s=0.1)
+    wait_until(lambda: beats_of(store, "replica-a"))
+    [first] = beats_of(store, "replica-a")
+    wait_until(lambda: beats_of(store, "replica-a")[0] > first)
+    assert worker.shutdown(timeout=5)
+    assert beats_of(store, "replica-a") == []
+
+
+@BOTH_ENGINES
+def test_a_silent_reply_of_a_replica_that_beats_outlives_another_replicas_housekeeping(
+    store, other_store, server, make_worker
+):
+    server.enqueue(Reply(think_s=2.0, pieces=PIECES))  # silent for 2 s; the other replica allows 0.5 s
+    writer = make_worker(owner="replica-a", beat_every_s=0.1)
+    tidier = make_worker(store=other_store, model=DemoModel(), owner="replica-b", stale_after_s=0.5)
+    store.beat("replica-gone")
+    gone = store.start_reply("general", owner="replica-gone")
+    query(store, "UPDATE replicas SET beat_at = beat_at - 1 WHERE owner = 'replica-gone'")
+    reply = ask(store, writer)
+    while not reply.done:
+        tidier.tidy()
+        time.sleep(0.1)
+    assert store.get(gone.id).status == "interrupted"  # the housekeeping did run
+    stored = store.get(reply.message_id)
+    assert (reply.status, stored.status, stored.text) == ("complete", "complete", TEXT)
+
+
+KILLED_REPLICA = """
+import sys, time
+from llm import DemoModel
+from store import open_store
+from worker import ReplyWorker
+worker = ReplyWorker(open_store(sys.argv[1]), DemoModel(tokens_per_s=20), "", beat_every_s=0.1)
+print(worker.post("general", "Ada", "@gpt tell me everything").reply.message_id, flush=True)
+time.sleep(60)
+"""
+
+
+@BOTH_ENGINES
+def test_the_replies_of_a_killed_replica_end_interrupted_as_another_replica_sees_it(store, db_path, make_worker):
+    replica = subprocess.Popen(
+        [sys.executable, "-c", KILLED_REPLICA, getattr(store, "url", str(db_path))],
+        cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        message_id = int(replica.stdout.readline())
+        wait_until(lambda: store.get(message_id).text)  # a sentence is stored
+    finally:
+        replica.kill()
+        replica.wait()
+    text = store.get(message_id).text
+    assert store.get(message_id).status == "streaming"
+    survivor = make_worker(model=DemoModel(), owner="replica-b", stale_after_s=0.5)
+    started = time.monotonic()
+    survivor.start_housekeeping(interval_s=0.1)
+    wait_until(lambda: store.get(message_id).status != "streaming")
+    assert time.monotonic() - started < 2
+    stored = store.get(message_id)
+    assert (stored.status, stored.text, stored.error) == ("interrupted", text, INTERRUPTED_NOTE)
