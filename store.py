@@ -58,6 +58,7 @@ FINAL_STATUSES = frozenset(STATUSES) - {"streaming"}
 INTERRUPTED_NOTE = "The server restarted while this reply was being written."
 BEAT_EVERY_S = 10.0  # how often a replica writing replies records that it lives
 STALE_AFTER_S = 30.0  # a replica silent this long is gone, and so are its replies
+RATE_WINDOW_S = 60.0  # the per-asker limit counts the replies started within this window
 # This process, as recorded on the replies it writes: host, pid, and a token
 # that tells it apart from an earlier process that had the same pid.
 PROCESS = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -79,6 +80,43 @@ class NotStreaming(StoreError):
     """A chunk or final status for a reply that is not streaming any more."""
 
 
+class TooManyReplies(StoreError):
+    """Every replica together is writing as many replies as ``limit`` allows."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"{limit} replies are being written already")
+        self.limit = limit
+
+
+class AskingTooFast(StoreError):
+    """The asker started ``limit`` replies within RATE_WINDOW_S; the next may start in ``wait_s``."""
+
+    def __init__(self, limit: int, wait_s: float):
+        super().__init__(f"{limit} replies asked for within {RATE_WINDOW_S:g} s; the next in {wait_s:.1f} s")
+        self.limit, self.wait_s = limit, wait_s
+
+
+@dataclass(frozen=True)
+class ReplyLimits:
+    """What a new reply may not exceed, counted over every replica on the database."""
+
+    max_concurrent: int  # replies being written at once (streaming, by an owner that beats)
+    replies_per_minute: int  # replies one asker may start within RATE_WINDOW_S
+    stale_after_s: float = STALE_AFTER_S  # replies of owners silent this long no longer count
+
+
+def check_limits(limits: ReplyLimits, writing: int, asked: int, oldest: float | None, now: float) -> None:
+    """Raise if a new reply would exceed ``limits``, given what the database counted.
+
+    ``writing`` replies are being written; the asker started ``asked`` within
+    RATE_WINDOW_S, the ``oldest`` of them then (all by the database's clock).
+    """
+    if asked >= limits.replies_per_minute:
+        raise AskingTooFast(limits.replies_per_minute, oldest + RATE_WINDOW_S - now)
+    if writing >= limits.max_concurrent:
+        raise TooManyReplies(limits.max_concurrent)
+
+
 @dataclass(frozen=True)
 class Message:
     id: int
@@ -95,6 +133,7 @@ class Message:
     prompt_tokens: int | None = None  # as the provider reported them, for a finished reply
     completion_tokens: int | None = None
     reasoning_tokens: int | None = None
+    asker: str | None = None  # whom a reply counts against (the asking tab's token)
 
     @property
     def is_final(self) -> bool:
@@ -151,6 +190,13 @@ def m003_usage(db: Database) -> None:
 def m004_replicas(db: Database) -> None:
     # The last heartbeat of each process that writes replies, by owner tag.
     db["replicas"].create({"owner": str, "beat_at": float}, pk="owner", not_null={"beat_at"})
+
+
+@migration
+def m005_reply_asker(db: Database) -> None:
+    # Who asked for a reply, so that every replica counts the same replies per asker.
+    db["messages"].add_column("asker", str)
+    db["messages"].create_index(["asker", "created_at"])
 
 
 # The last sign of life of a streaming reply's owner, in SQL both engines speak:
@@ -416,21 +462,42 @@ class Store(ChangeWaiting):
             self._bump(db, room)
         return self.get(message_id)
 
-    def start_reply(self, room: str, reply_to: int | None = None, owner: str = PROCESS) -> Message:
-        """An empty assistant message in status ``streaming``, to append chunks to."""
+    def start_reply(
+        self,
+        room: str,
+        reply_to: int | None = None,
+        owner: str = PROCESS,
+        asker: str | None = None,
+        limits: ReplyLimits | None = None,
+    ) -> Message:
+        """An empty assistant message in status ``streaming``, to append chunks to.
+
+        With ``limits``, it is stored only if they allow it (counted in the same
+        write), else TooManyReplies or AskingTooFast is raised.
+        """
         room = check_room(room)
         with self._writing() as db:
-            message_id = self._insert_reply(db, room, reply_to, owner)
+            self._within(db, limits, owner, asker)
+            message_id = self._insert_reply(db, room, reply_to, owner, asker)
             self._bump(db, room)
         return self.get(message_id)
 
-    def add_question(self, room: str, author: str, text: str, owner: str = PROCESS) -> tuple[Message, Message]:
-        """A person's message and the empty reply to it, stored together or not at all."""
+    def add_question(
+        self,
+        room: str,
+        author: str,
+        text: str,
+        owner: str = PROCESS,
+        asker: str | None = None,
+        limits: ReplyLimits | None = None,
+    ) -> tuple[Message, Message]:
+        """A person's message and the empty reply to it, stored together or not at all (see start_reply)."""
         room, author, text = check_room(room), check_name(author), check_text(text)
         with self._writing() as db:
+            self._within(db, limits, owner, asker)
             question_id = self._insert_message(db, room, author, "user", "complete", None, time.time())
             self._insert_chunk(db, question_id, 0, text)
-            reply_id = self._insert_reply(db, room, question_id, owner)
+            reply_id = self._insert_reply(db, room, question_id, owner, asker)
             self._bump(db, room)
         return self.get(question_id), self.get(reply_id)
 
@@ -576,12 +643,28 @@ class Store(ChangeWaiting):
         ).lastrowid
 
     @staticmethod
-    def _insert_reply(db, room: str, reply_to: int | None, owner: str) -> int:
+    def _insert_reply(db, room: str, reply_to: int | None, owner: str, asker: str | None) -> int:
         message_id = Store._insert_message(
             db, room, ASSISTANT_NAME, "assistant", "streaming", reply_to, time.time()
         )
-        db.execute("UPDATE messages SET owner = ? WHERE id = ?", [owner, message_id])
+        db.execute("UPDATE messages SET owner = ?, asker = ? WHERE id = ?", [owner, asker, message_id])
         return message_id
+
+    @staticmethod
+    def _within(db, limits: ReplyLimits | None, owner: str, asker: str | None) -> None:
+        """Raise unless ``limits`` allow one more reply; inside the write, so no other can slip in meanwhile."""
+        if limits is None:
+            return
+        now = time.time()
+        writing = db.execute(
+            f"SELECT COUNT(*) FROM messages WHERE status = 'streaming' AND (owner = ? OR {LAST_SIGN_SQL} > ?)",
+            [owner, now - limits.stale_after_s],
+        ).fetchone()[0]
+        asked, oldest = db.execute(
+            "SELECT COUNT(*), MIN(created_at) FROM messages WHERE asker = ? AND created_at > ?",
+            [asker, now - RATE_WINDOW_S],
+        ).fetchone()
+        check_limits(limits, writing, asked, oldest, now)
 
     @staticmethod
     def _insert_chunk(db, message_id: int, seq: int, text: str) -> None:

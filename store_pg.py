@@ -40,7 +40,10 @@ from store import (
     STALE_AFTER_S,
     Message,
     NotStreaming,
+    RATE_WINDOW_S,
+    ReplyLimits,
     StoreError,
+    check_limits,
     _is_orphan,
     _last_sign,
     check_name,
@@ -53,6 +56,7 @@ log = logging.getLogger(__name__)
 CHANNEL = "chat_changes"
 LISTEN_RETRY_S = 1.0  # after the listening connection fails, before trying again
 MIGRATION_LOCK = 7_314_002  # pg_advisory_xact_lock key: one process migrates at a time
+LIMITS_LOCK = 7_314_003  # ... and one counts the reply limits and inserts a reply at a time
 CONNECT_TIMEOUT_S = 5  # a page waits at most this long for an unreachable database
 NOW = "EXTRACT(EPOCH FROM now())::DOUBLE PRECISION"  # the server's clock (at the transaction's start)
 
@@ -110,6 +114,12 @@ def m003_usage(conn: psycopg.Connection) -> None:
 @migration
 def m004_replicas(conn: psycopg.Connection) -> None:
     conn.execute("CREATE TABLE replicas (owner TEXT PRIMARY KEY, beat_at DOUBLE PRECISION NOT NULL)")
+
+
+@migration
+def m005_reply_asker(conn: psycopg.Connection) -> None:
+    conn.execute("ALTER TABLE messages ADD COLUMN asker TEXT")
+    conn.execute("CREATE INDEX messages_asker_created_at ON messages (asker, created_at)")
 
 
 def migrate(conn: psycopg.Connection) -> None:
@@ -197,19 +207,36 @@ class PgStore(ChangeWaiting):
             self._bump(conn, room)
         return self.get(message_id)
 
-    def start_reply(self, room: str, reply_to: int | None = None, owner: str = PROCESS) -> Message:
+    def start_reply(
+        self,
+        room: str,
+        reply_to: int | None = None,
+        owner: str = PROCESS,
+        asker: str | None = None,
+        limits: ReplyLimits | None = None,
+    ) -> Message:
         room = check_room(room)
         with self._writing() as conn:
-            message_id = self._insert_reply(conn, room, reply_to, owner)
+            self._within(conn, limits, owner, asker)
+            message_id = self._insert_reply(conn, room, reply_to, owner, asker)
             self._bump(conn, room)
         return self.get(message_id)
 
-    def add_question(self, room: str, author: str, text: str, owner: str = PROCESS) -> tuple[Message, Message]:
+    def add_question(
+        self,
+        room: str,
+        author: str,
+        text: str,
+        owner: str = PROCESS,
+        asker: str | None = None,
+        limits: ReplyLimits | None = None,
+    ) -> tuple[Message, Message]:
         room, author, text = check_room(room), check_name(author), check_text(text)
         with self._writing() as conn:
+            self._within(conn, limits, owner, asker)
             question_id = self._insert_message(conn, room, author, "user", "complete", None)
             self._insert_chunk(conn, question_id, 0, text)
-            reply_id = self._insert_reply(conn, room, question_id, owner)
+            reply_id = self._insert_reply(conn, room, question_id, owner, asker)
             self._bump(conn, room)
         return self.get(question_id), self.get(reply_id)
 
@@ -321,16 +348,34 @@ class PgStore(ChangeWaiting):
         return [Message(text="".join(texts[row["id"]]), **row) for row in rows]
 
     @staticmethod
-    def _insert_message(conn, room, author, role, status, reply_to, owner=None) -> int:
+    def _insert_message(conn, room, author, role, status, reply_to, owner=None, asker=None) -> int:
         return conn.execute(
-            "INSERT INTO messages (room, author, role, status, reply_to, created_at, updated_at, owner) "
-            f"VALUES (%s, %s, %s, %s, %s, {NOW}, {NOW}, %s) RETURNING id",
-            [room, author, role, status, reply_to, owner],
+            "INSERT INTO messages (room, author, role, status, reply_to, created_at, updated_at, owner, asker) "
+            f"VALUES (%s, %s, %s, %s, %s, {NOW}, {NOW}, %s, %s) RETURNING id",
+            [room, author, role, status, reply_to, owner, asker],
         ).fetchone()["id"]
 
     @staticmethod
-    def _insert_reply(conn, room: str, reply_to: int | None, owner: str) -> int:
-        return PgStore._insert_message(conn, room, ASSISTANT_NAME, "assistant", "streaming", reply_to, owner)
+    def _insert_reply(conn, room: str, reply_to: int | None, owner: str, asker: str | None) -> int:
+        return PgStore._insert_message(conn, room, ASSISTANT_NAME, "assistant", "streaming", reply_to, owner, asker)
+
+    @staticmethod
+    def _within(conn, limits: ReplyLimits | None, owner: str, asker: str | None) -> None:
+        """Raise unless ``limits`` allow one more reply; under a lock held until the write commits."""
+        if limits is None:
+            return
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", [LIMITS_LOCK])
+        writing = conn.execute(
+            "SELECT COUNT(*) AS n FROM messages "
+            f"WHERE status = 'streaming' AND (owner = %s OR {LAST_SIGN_SQL} > {NOW} - %s)",
+            [owner, limits.stale_after_s],
+        ).fetchone()["n"]
+        asked = conn.execute(
+            f"SELECT COUNT(*) AS n, MIN(created_at) AS oldest, {NOW} AS now FROM messages "
+            f"WHERE asker = %s AND created_at > {NOW} - %s",
+            [asker, RATE_WINDOW_S],
+        ).fetchone()
+        check_limits(limits, writing, asked["n"], asked["oldest"], asked["now"])
 
     @staticmethod
     def _insert_chunk(conn, message_id: int, seq: int, text: str) -> None:

@@ -27,7 +27,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import NamedTuple
@@ -39,10 +39,13 @@ from store import (
     INTERRUPTED_NOTE,
     PROCESS,
     STALE_AFTER_S,
+    AskingTooFast,
     DatabaseUnavailable,
     Message,
     NotStreaming,
+    ReplyLimits,
     Store,
+    TooManyReplies,
     check_name,
     check_room,
     check_text,
@@ -170,7 +173,10 @@ class ReplyWorker:
     """Starts, tracks and limits assistant replies for the whole process.
 
     ``owner`` tags the replies it writes and its heartbeat, one per replica;
-    a replica that has not beaten for ``stale_after_s`` counts as gone.
+    a replica that has not beaten for ``stale_after_s`` counts as gone. The
+    limits (``max_concurrent`` replies being written, ``replies_per_minute``
+    per asker) hold across every replica on the database: the store counts
+    them as it stores each new reply.
     """
 
     final_write_attempts = FINAL_WRITE_ATTEMPTS
@@ -185,7 +191,6 @@ class ReplyWorker:
         idle_timeout_s: float = 30.0,
         first_token_timeout_s: float = 120.0,
         chunker: Callable[[], SentenceChunker] = SentenceChunker,
-        clock: Callable[[], float] = time.monotonic,
         owner: str = PROCESS,
         stale_after_s: float = STALE_AFTER_S,
         beat_every_s: float = BEAT_EVERY_S,
@@ -198,17 +203,16 @@ class ReplyWorker:
         self.idle_timeout_s = idle_timeout_s
         self.first_token_timeout_s = first_token_timeout_s
         self._chunker = chunker
-        self._clock = clock
         self._lock = threading.Lock()
         self._starting = 0  # slots reserved by ask() before the thread exists
         self._active: dict[int, tuple[LiveReply, threading.Thread]] = {}
         self._finished: OrderedDict[int, LiveReply] = OrderedDict()
-        self._asked: dict[str, deque[float]] = {}
         self._closed = False
         self._unsaved_ends: list[Callable[[], None]] = []  # final writes to try again
         self.totals = ReplyStats()
         self.owner = owner
         self.stale_after_s = stale_after_s
+        self.limits = ReplyLimits(max_concurrent, replies_per_minute, stale_after_s)
         self.beat_every_s = beat_every_s
         self._stirred = threading.Condition(self._lock)  # wakes the pulse and housekeeping threads
         self._pulse_thread = threading.Thread(target=self._pulse, name="reply-worker-pulse", daemon=True)
@@ -225,23 +229,18 @@ class ReplyWorker:
         room, author, text = check_room(room), check_name(author), check_text(text)
         if not MENTION.search(text):
             return Posted(self.store.add_message(room, author, text), None)
-        asker = asker or author
-        stamp = self._reserve(asker)
-        try:
-            question, message = self.store.add_question(room, author, text, owner=self.owner)
-        except BaseException:
-            self._release(asker, stamp)
-            raise
-        return Posted(question, self._launch(message, asker))
+        with self._slot(), _refusals():
+            question, message = self.store.add_question(
+                room, author, text, owner=self.owner, asker=asker or author, limits=self.limits
+            )
+        return Posted(question, self._launch(message, asker or author))
 
     def ask(self, room: str, asker: str, reply_to: int | None = None) -> LiveReply:
         """Start a reply to message ``reply_to`` (a retry), or raise ReplyRefused."""
-        stamp = self._reserve(asker)
-        try:
-            message = self.store.start_reply(check_room(room), reply_to, owner=self.owner)
-        except BaseException:
-            self._release(asker, stamp)
-            raise
+        with self._slot(), _refusals():
+            message = self.store.start_reply(
+                check_room(room), reply_to, owner=self.owner, asker=asker, limits=self.limits
+            )
         return self._launch(message, asker)
 
     def get(self, message_id: int) -> LiveReply | None:
@@ -344,39 +343,29 @@ class ReplyWorker:
 
     # Limits ------------------------------------------------------------------
 
-    def _reserve(self, asker: str) -> float:
-        """Take a reply slot and a rate-limit token, or raise ReplyRefused."""
-        now = self._clock()
+    @contextlib.contextmanager
+    def _slot(self) -> Iterator[None]:
+        """Hold a reply slot while the reply is stored, or raise Busy.
+
+        This process's own count is a first check; the store's, over every
+        replica, decides (see _refusals). _launch takes the slot over; a
+        failure gives it back.
+        """
         with self._lock:
             if self._closed:
                 raise Busy("The server is restarting; please ask again in a moment.")
-            asked = self._asked.setdefault(asker, deque())
-            while asked and now - asked[0] >= 60:
-                asked.popleft()
-            if len(asked) >= self.replies_per_minute:
-                wait = 60 - (now - asked[0])
-                raise SlowDown(
-                    f"You can ask the assistant {self.replies_per_minute} times a minute; "
-                    f"please wait {max(1, round(wait))} s."
-                )
             if len(self._active) + self._starting >= self.max_concurrent:
-                raise Busy(
-                    f"The assistant is already writing {self.max_concurrent} replies; "
-                    "please ask again when one has finished."
-                )
-            asked.append(now)
+                raise Busy(_busy_note(self.max_concurrent))
             self._starting += 1
-            return now
-
-    def _release(self, asker: str, stamp: float) -> None:
-        """Give back what _reserve took, for a reply that did not start."""
-        with self._lock:
-            self._starting -= 1
-            with contextlib.suppress(ValueError):
-                self._asked[asker].remove(stamp)
+        try:
+            yield
+        except BaseException:
+            with self._lock:
+                self._starting -= 1
+            raise
 
     def _launch(self, message: Message, asker: str) -> LiveReply:
-        """Start the thread for a stored, empty reply, in the slot _reserve took.
+        """Start the thread for a stored, empty reply, in the slot _slot took.
 
         From here on the reply always ends in a final status: if the thread
         cannot start, it is ended here.
@@ -516,6 +505,23 @@ class ReplyWorker:
                     raise
                 log.warning("reply %s: database busy or unreachable, retrying", reply.message_id)
                 time.sleep(min(0.2 * (attempt + 1), 2.0))
+
+
+def _busy_note(limit: int) -> str:
+    return f"The assistant is already writing {limit} replies; please ask again when one has finished."
+
+
+@contextlib.contextmanager
+def _refusals() -> Iterator[None]:
+    """The store's refusals of a new reply, as messages for people."""
+    try:
+        yield
+    except TooManyReplies as error:
+        raise Busy(_busy_note(error.limit)) from None
+    except AskingTooFast as error:
+        raise SlowDown(
+            f"You can ask the assistant {error.limit} times a minute; please wait {max(1, round(error.wait_s))} s."
+        ) from None
 
 
 def _interrupt(stream) -> None:

@@ -13,9 +13,12 @@ from postgres import query
 from store import (
     INTERRUPTED_NOTE,
     MAX_MESSAGE_CHARS,
+    AskingTooFast,
     InvalidInput,
     NotStreaming,
+    ReplyLimits,
     Store,
+    TooManyReplies,
     open_store,
 )
 
@@ -27,12 +30,13 @@ def test_migrations_run_once_and_can_repeat(store, db_path):
     open_store(location)  # a second process starts on the same database
     open_store(location)
     names = [name for (name,) in query(store, "SELECT name FROM _migrations ORDER BY name")]
-    assert names == ["m001_initial", "m002_reply_owner", "m003_usage", "m004_replicas"]
+    assert names == ["m001_initial", "m002_reply_owner", "m003_usage", "m004_replicas", "m005_reply_asker"]
     assert query(store, "SELECT COUNT(*) FROM replicas") == [(0,)]
     message = store.add_message("general", "Ada", "hi")
     assert [tuple(query(store, f"SELECT {column} FROM messages"))[0] for column in (
         "room", "author", "role", "status", "error", "owner", "prompt_tokens", "completion_tokens", "reasoning_tokens",
-    )] == [("general",), ("Ada",), ("user",), ("complete",), (None,), (None,), (None,), (None,), (None,)]
+        "asker",
+    )] == [("general",), ("Ada",), ("user",), ("complete",), (None,), (None,), (None,), (None,), (None,), (None,)]
     assert query(store, "SELECT message_id, seq, text FROM chunks") == [(message.id, 0, "hi")]
 
 
@@ -187,6 +191,78 @@ def test_question_and_reply_are_stored_together(store):
     with pytest.raises(InvalidInput):
         store.add_question("general", "Ada", " ")
     assert len(store.recent("general")) == 2
+
+
+def count_messages(store) -> int:
+    [(count,)] = query(store, "SELECT COUNT(*) FROM messages")
+    return count
+
+
+def test_a_reply_is_stored_only_while_fewer_than_the_limit_are_written_by_all_replicas(store, other_store):
+    limits = ReplyLimits(max_concurrent=2, replies_per_minute=10)
+    store.beat("replica-a")
+    other_store.beat("replica-b")
+    _, first = store.add_question("general", "Ada", "@gpt one", owner="replica-a", asker="tab-ada", limits=limits)
+    other_store.start_reply("general", owner="replica-b", asker="tab-bob", limits=limits)
+    before = count_messages(store)
+    with pytest.raises(TooManyReplies) as refused:
+        store.add_question("general", "Cy", "@gpt three", owner="replica-a", asker="tab-cy", limits=limits)
+    assert refused.value.limit == 2
+    with pytest.raises(TooManyReplies):
+        other_store.start_reply("general", owner="replica-b", asker="tab-cy", limits=limits)
+    assert count_messages(store) == before  # neither the question nor a reply
+
+    store.finish_reply(first.id, "complete")  # one fewer being written
+    _, third = other_store.add_question("general", "Cy", "@gpt three", owner="replica-b", asker="tab-cy", limits=limits)
+    assert (third.status, third.owner, third.asker) == ("streaming", "replica-b", "tab-cy")
+    with pytest.raises(TooManyReplies):
+        store.start_reply("general", owner="replica-a", asker="tab-dan", limits=limits)
+
+    query(store, "UPDATE replicas SET beat_at = beat_at - 31 WHERE owner = 'replica-b'")  # replica-b is gone
+    assert store.start_reply("general", owner="replica-a", asker="tab-dan", limits=limits).status == "streaming"
+
+
+def test_an_asker_may_start_so_many_replies_a_minute_through_any_replica(store, other_store):
+    limits = ReplyLimits(max_concurrent=10, replies_per_minute=2)
+    first = store.start_reply("general", owner="replica-a", asker="tab-ada", limits=limits)
+    store.finish_reply(first.id, "complete")  # finished replies count too: they were started
+    other_store.start_reply("general", owner="replica-b", asker="tab-ada", limits=limits)
+    before = count_messages(store)
+    with pytest.raises(AskingTooFast) as refused:
+        store.add_question("general", "Ada", "@gpt again", owner="replica-a", asker="tab-ada", limits=limits)
+    assert refused.value.limit == 2 and 55 < refused.value.wait_s <= 60
+    assert count_messages(store) == before
+    store.start_reply("general", owner="replica-a", asker="tab-bob", limits=limits)  # others are not held up
+
+    query(store, "UPDATE messages SET created_at = created_at - 45 WHERE asker = 'tab-ada'")
+    with pytest.raises(AskingTooFast) as refused:
+        other_store.start_reply("general", owner="replica-b", asker="tab-ada", limits=limits)
+    assert 10 < refused.value.wait_s <= 15
+    query(store, "UPDATE messages SET created_at = created_at - 16 WHERE asker = 'tab-ada'")
+    assert other_store.start_reply("general", owner="replica-b", asker="tab-ada", limits=limits).asker == "tab-ada"
+
+
+def test_replies_asked_for_at_once_through_two_replicas_never_exceed_the_limit(store, other_store):
+    limits = ReplyLimits(max_concurrent=3, replies_per_minute=100)
+    outcomes = []
+    start = threading.Barrier(8)
+
+    def ask(replica, i):
+        start.wait()
+        try:
+            replica.add_question("general", "Ada", f"@gpt {i}", owner=f"replica-{i % 2}", asker=f"tab-{i}", limits=limits)
+            outcomes.append("stored")
+        except TooManyReplies:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=ask, args=(other_store if i % 2 else store, i)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["refused"] * 5 + ["stored"] * 3
+    assert query(store, "SELECT COUNT(*) FROM messages WHERE status = 'streaming'") == [(3,)]
+    assert count_messages(store) == 6
 
 
 @pytest.mark.parametrize(

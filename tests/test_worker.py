@@ -24,14 +24,6 @@ PIECES = [PIECES[0]] + [" " + p for p in PIECES[1:]]
 TEXT = "".join(PIECES)
 
 
-class FakeClock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
-
-
 # The model stream's timing, faults and reasoning are tested on SQLite only;
 # what the worker stores, on both engines (tests/test_store.py holds the store's contract).
 pytestmark = pytest.mark.engines("sqlite")
@@ -251,15 +243,15 @@ def test_concurrency_limit_refuses_clearly_and_stores_nothing(store, server, mak
     wait_done(third)
 
 
+@BOTH_ENGINES
 def test_rate_limit_per_asker(store, make_worker):
-    clock = FakeClock()
-    worker = make_worker(model=DemoModel(tokens_per_s=5000), replies_per_minute=2, clock=clock)
+    worker = make_worker(model=DemoModel(tokens_per_s=5000), replies_per_minute=2)
     for _ in range(2):
         wait_done(worker.ask("general", "session-ada"))
-    with pytest.raises(SlowDown, match="2 times a minute"):
+    with pytest.raises(SlowDown, match=r"2 times a minute; please wait (59|60) s\."):
         worker.ask("general", "session-ada")
     wait_done(worker.ask("general", "session-bob"))  # others are not affected
-    clock.now += 61
+    query(store, "UPDATE messages SET created_at = created_at - 61 WHERE asker = 'session-ada'")  # a minute later
     wait_done(worker.ask("general", "session-ada"))
 
 
@@ -336,8 +328,7 @@ def test_post_with_a_mention_stores_the_question_and_starts_the_reply(store, mak
 
 @BOTH_ENGINES
 def test_refused_posts_store_nothing(store, make_worker):
-    clock = FakeClock()
-    worker = make_worker(model=DemoModel(tokens_per_s=5000), replies_per_minute=1, clock=clock)
+    worker = make_worker(model=DemoModel(tokens_per_s=5000), replies_per_minute=1)
     wait_done(worker.post("general", "Ada", "@gpt one").reply)
     count = len(store.recent("general"))
     with pytest.raises(SlowDown):
@@ -601,3 +592,40 @@ def test_the_replies_of_a_killed_replica_end_interrupted_as_another_replica_sees
     assert time.monotonic() - started < 2
     stored = store.get(message_id)
     assert (stored.status, stored.text, stored.error) == ("interrupted", text, INTERRUPTED_NOTE)
+
+
+@BOTH_ENGINES
+def test_the_concurrency_limit_counts_the_replies_of_every_replica(store, other_store, server, make_worker):
+    server.default = Reply(pieces=["word "] * 200, delay_s=0.02)
+    replica_a = make_worker(owner="replica-a", max_concurrent=2)
+    replica_b = make_worker(store=other_store, owner="replica-b", max_concurrent=2)
+    first = replica_a.post("general", "Ada", "@gpt one", asker="tab-ada").reply
+    second = replica_a.post("general", "Bob", "@gpt two", asker="tab-bob").reply
+    count = len(store.recent("general"))
+    with pytest.raises(Busy) as refused:
+        replica_b.post("general", "Cy", "@gpt three", asker="tab-cy")
+    assert str(refused.value) == "The assistant is already writing 2 replies; please ask again when one has finished."
+    assert len(store.recent("general")) == count  # neither the question nor a reply
+    assert replica_b.post("general", "Cy", "no mention, so no limit").reply is None
+    first.cancel()
+    wait_done(first)
+    third = replica_b.post("general", "Cy", "@gpt three", asker="tab-cy").reply  # a slot is free again
+    assert store.get(third.message_id).owner == "replica-b"
+    for reply in (second, third):
+        reply.cancel()
+        wait_done(reply)
+
+
+@BOTH_ENGINES
+def test_the_rate_limit_holds_across_replicas(store, other_store, make_worker):
+    replica_a = make_worker(model=DemoModel(tokens_per_s=5000), owner="replica-a", replies_per_minute=2)
+    replica_b = make_worker(store=other_store, model=DemoModel(tokens_per_s=5000), owner="replica-b",
+                            replies_per_minute=2)
+    wait_done(replica_a.post("general", "Ada", "@gpt one", asker="tab-ada").reply)
+    wait_done(replica_b.post("general", "Ada", "@gpt two", asker="tab-ada").reply)
+    count = len(store.recent("general"))
+    for replica in (replica_a, replica_b):
+        with pytest.raises(SlowDown, match=r"^You can ask the assistant 2 times a minute; please wait (59|60) s\.$"):
+            replica.post("general", "Ada", "@gpt three", asker="tab-ada")
+    assert len(store.recent("general")) == count
+    wait_done(replica_b.post("general", "Bob", "@gpt mine", asker="tab-bob").reply)  # another tab asks freely
