@@ -642,7 +642,7 @@ class BlockView:
 def stop(worker: ReplyWorker, room: str, tab: str) -> None:
     """Stop button callback: stop this tab's newest live reply, if it is still running."""
     if (mine := my_live_reply(worker, room, tab)) is not None:
-        mine.cancel()
+        worker.stop(mine.message_id)
 
 
 def main() -> None:

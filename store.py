@@ -31,7 +31,7 @@ import time
 import unicodedata
 import uuid
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +134,7 @@ class Message:
     completion_tokens: int | None = None
     reasoning_tokens: int | None = None
     asker: str | None = None  # whom a reply counts against (the asking tab's token)
+    stop_requested_at: float | None = None  # someone asked to stop this reply (see Store.request_stop)
 
     @property
     def is_final(self) -> bool:
@@ -197,6 +198,12 @@ def m005_reply_asker(db: Database) -> None:
     # Who asked for a reply, so that every replica counts the same replies per asker.
     db["messages"].add_column("asker", str)
     db["messages"].create_index(["asker", "created_at"])
+
+
+@migration
+def m006_stop_requests(db: Database) -> None:
+    # A stop asked for through any replica, for the one writing the reply to act on.
+    db["messages"].add_column("stop_requested_at", float)
 
 
 # The last sign of life of a streaming reply's owner, in SQL both engines speak:
@@ -572,6 +579,37 @@ class Store(ChangeWaiting):
                     count += marked
                     self._bump(db, row["room"])
         return count
+
+    def request_stop(self, message_id: int) -> bool:
+        """Ask whichever replica writes a streaming reply to stop it, as its Stop button does.
+
+        Pages notice (the room's version changes); the writing ReplyWorker ends
+        the reply, its text kept, as ``stopped``. False, and nothing changes,
+        for a reply that is not streaming any more.
+        """
+        with self._writing() as db:
+            rows = db.execute(
+                "UPDATE messages SET stop_requested_at = COALESCE(stop_requested_at, ?) "
+                "WHERE id = ? AND status = 'streaming' RETURNING room",
+                [time.time(), message_id],
+            ).fetchall()
+            if rows:
+                self._bump(db, rows[0][0])
+        return bool(rows)
+
+    def stop_requested(self, message_ids: Collection[int]) -> set[int]:
+        """Those of ``message_ids`` that are streaming and someone asked to stop."""
+        if not message_ids:
+            return set()
+        placeholders = ",".join("?" * len(message_ids))
+        return {
+            message_id
+            for (message_id,) in self.db.execute(
+                f"SELECT id FROM messages WHERE id IN ({placeholders}) "
+                "AND status = 'streaming' AND stop_requested_at IS NOT NULL",
+                list(message_ids),
+            )
+        }
 
     # Replicas ----------------------------------------------------------------
 

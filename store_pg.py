@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -120,6 +120,11 @@ def m004_replicas(conn: psycopg.Connection) -> None:
 def m005_reply_asker(conn: psycopg.Connection) -> None:
     conn.execute("ALTER TABLE messages ADD COLUMN asker TEXT")
     conn.execute("CREATE INDEX messages_asker_created_at ON messages (asker, created_at)")
+
+
+@migration
+def m006_stop_requests(conn: psycopg.Connection) -> None:
+    conn.execute("ALTER TABLE messages ADD COLUMN stop_requested_at DOUBLE PRECISION")
 
 
 def migrate(conn: psycopg.Connection) -> None:
@@ -289,6 +294,27 @@ class PgStore(ChangeWaiting):
                     count += marked
                     self._bump(conn, row["room"])
         return count
+
+    def request_stop(self, message_id: int) -> bool:
+        with self._writing() as conn:
+            row = conn.execute(
+                f"UPDATE messages SET stop_requested_at = COALESCE(stop_requested_at, {NOW}) "
+                "WHERE id = %s AND status = 'streaming' RETURNING room",
+                [message_id],
+            ).fetchone()
+            if row is not None:
+                self._bump(conn, row["room"])
+        return row is not None
+
+    def stop_requested(self, message_ids: Collection[int]) -> set[int]:
+        if not message_ids:
+            return set()
+        with self._reading() as conn:
+            rows = conn.execute(
+                "SELECT id FROM messages WHERE id = ANY(%s) AND status = 'streaming' AND stop_requested_at IS NOT NULL",
+                [list(message_ids)],
+            ).fetchall()
+        return {row["id"] for row in rows}
 
     # Replicas ----------------------------------------------------------------
 

@@ -14,7 +14,10 @@ always ends it in a final status.
 
 Several processes (replicas) may share one database. Each worker's pulse
 thread beats (Store.beat) from construction to shutdown, so that the others'
-housekeeping never takes its replies for orphans, however long a model thinks.
+housekeeping never takes its replies for orphans, however long a model thinks;
+and while the worker writes replies, it watches the store for stops requested
+through any replica (Store.request_stop) and ends those replies as a local
+Stop does.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ log = logging.getLogger(__name__)
 
 KEEP_FINISHED = 200  # finished replies kept in memory for late followers and stats
 TIDY_EVERY_S = 10.0  # housekeeping: a dead replica's replies end interrupted within STALE_AFTER_S + this
+STOP_WAIT_S = 0.5  # while replies are written: the longest between two checks for stop requests ...
+STOP_GAP_S = 0.1  # ... and the shortest, however often the database changes
 WRITE_ATTEMPTS = 3  # each attempt already waits up to the store's busy timeout
 FINAL_WRITE_ATTEMPTS = 12  # the final status matters most: about a minute of locks
 _CANCEL_NOTES = {"interrupted": INTERRUPTED_NOTE}
@@ -214,7 +219,7 @@ class ReplyWorker:
         self.stale_after_s = stale_after_s
         self.limits = ReplyLimits(max_concurrent, replies_per_minute, stale_after_s)
         self.beat_every_s = beat_every_s
-        self._stirred = threading.Condition(self._lock)  # wakes the pulse and housekeeping threads
+        self._stirred = threading.Condition(self._lock)  # a reply started or ended, or shutdown: wakes the threads below
         self._pulse_thread = threading.Thread(target=self._pulse, name="reply-worker-pulse", daemon=True)
         self._pulse_thread.start()
 
@@ -242,6 +247,14 @@ class ReplyWorker:
                 check_room(room), reply_to, owner=self.owner, asker=asker, limits=self.limits
             )
         return self._launch(message, asker)
+
+    def stop(self, message_id: int) -> bool:
+        """Stop a reply being written, keeping its text: at once if this replica writes it,
+        else through the store, for the replica that does (within a second).
+
+        False if the reply is not being written any more.
+        """
+        return self._stop_here(message_id) or self.store.request_stop(message_id)
 
     def get(self, message_id: int) -> LiveReply | None:
         """The live (or recently finished) reply for a message, if this process has it."""
@@ -324,16 +337,55 @@ class ReplyWorker:
     # The pulse thread ----------------------------------------------------------
 
     def _pulse(self) -> None:
-        """Beat every beat_every_s until shutdown has ended every reply; then retire."""
+        """Beat every beat_every_s; while replies are written, end those asked to stop.
+
+        With no reply being written it only beats, waiting in between for a
+        reply to start. It retires once shutdown has ended every reply.
+        """
+        next_beat = 0.0
         while True:
-            self._beat()
+            if time.monotonic() >= next_beat:
+                self._beat()
+                next_beat = time.monotonic() + self.beat_every_s
             with self._lock:
-                if self._stirred.wait_for(lambda: self._closed and not self._active, self.beat_every_s):
+                if self._closed and not self._active:
                     break
+                self._stirred.wait_for(lambda: self._active or self._closed, max(0.0, next_beat - time.monotonic()))
+                writing = list(self._active)
+            if writing:
+                self._end_stopped(writing)
         try:
             self.store.retire(self.owner)
         except Exception:
             log.warning("could not remove replica %s from the database", self.owner, exc_info=True)
+
+    def _end_stopped(self, message_ids: list[int]) -> None:
+        """Stop those of ``message_ids`` someone asked to stop, then wait for the database to change.
+
+        A request made through any replica changes the database, which wakes
+        the wait: at once on PostgreSQL (LISTEN/NOTIFY), within WATCH_S on
+        SQLite; STOP_WAIT_S bounds it should a notification be lost.
+        """
+        seen = self.store.changes()
+        checked_at = time.monotonic()
+        try:
+            stopped = self.store.stop_requested(message_ids)
+        except Exception:
+            log.warning("could not check for requests to stop replies", exc_info=True)
+            stopped = set()
+        for message_id in stopped:
+            self._stop_here(message_id)
+        self.store.wait_for_change(seen, STOP_WAIT_S)
+        time.sleep(max(0.0, STOP_GAP_S - (time.monotonic() - checked_at)))
+
+    def _stop_here(self, message_id: int) -> bool:
+        """Stop the reply as its Stop button does, if this replica writes it; False if not."""
+        with self._lock:
+            held = self._active.get(message_id)
+        if held is None:
+            return False
+        held[0].cancel("stopped")
+        return True
 
     def _beat(self) -> None:
         try:
@@ -383,6 +435,7 @@ class ReplyWorker:
         with self._lock:
             self._starting -= 1
             self._active[message.id] = (reply, thread)
+            self._stirred.notify_all()
         try:
             thread.start()
         except BaseException:

@@ -30,13 +30,15 @@ def test_migrations_run_once_and_can_repeat(store, db_path):
     open_store(location)  # a second process starts on the same database
     open_store(location)
     names = [name for (name,) in query(store, "SELECT name FROM _migrations ORDER BY name")]
-    assert names == ["m001_initial", "m002_reply_owner", "m003_usage", "m004_replicas", "m005_reply_asker"]
+    assert names == [
+        "m001_initial", "m002_reply_owner", "m003_usage", "m004_replicas", "m005_reply_asker", "m006_stop_requests",
+    ]
     assert query(store, "SELECT COUNT(*) FROM replicas") == [(0,)]
     message = store.add_message("general", "Ada", "hi")
     assert [tuple(query(store, f"SELECT {column} FROM messages"))[0] for column in (
         "room", "author", "role", "status", "error", "owner", "prompt_tokens", "completion_tokens", "reasoning_tokens",
-        "asker",
-    )] == [("general",), ("Ada",), ("user",), ("complete",), (None,), (None,), (None,), (None,), (None,), (None,)]
+        "asker", "stop_requested_at",
+    )] == [("general",), ("Ada",), ("user",), ("complete",)] + [(None,)] * 7
     assert query(store, "SELECT message_id, seq, text FROM chunks") == [(message.id, 0, "hi")]
 
 
@@ -191,6 +193,28 @@ def test_question_and_reply_are_stored_together(store):
     with pytest.raises(InvalidInput):
         store.add_question("general", "Ada", " ")
     assert len(store.recent("general")) == 2
+
+
+def test_a_stop_request_flags_a_streaming_reply_for_its_writer_and_leaves_a_final_one_alone(store, other_store):
+    writing = store.start_reply("general")
+    store.append_chunk(writing.id, "So far. ")
+    done = store.start_reply("general")
+    store.finish_reply(done.id, "complete", last_chunk="Done.")
+    assert store.stop_requested([writing.id, done.id]) == set() == store.stop_requested([])
+    before = store.version("general")
+
+    assert other_store.request_stop(writing.id) is True
+    assert store.version("general") > before  # pages notice
+    assert store.stop_requested([writing.id, done.id]) == {writing.id}
+    assert (store.get(writing.id).status, store.get(writing.id).text) == ("streaming", "So far. ")  # its writer ends it
+    after = store.version("general")
+    assert other_store.request_stop(done.id) is False
+    assert store.version("general") == after
+    assert store.get(done.id).stop_requested_at is None
+
+    store.finish_reply(writing.id, "stopped")
+    assert store.stop_requested([writing.id]) == set()
+    assert other_store.request_stop(writing.id) is False
 
 
 def count_messages(store) -> int:

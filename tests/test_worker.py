@@ -629,3 +629,42 @@ def test_the_rate_limit_holds_across_replicas(store, other_store, make_worker):
             replica.post("general", "Ada", "@gpt three", asker="tab-ada")
     assert len(store.recent("general")) == count
     wait_done(replica_b.post("general", "Bob", "@gpt mine", asker="tab-bob").reply)  # another tab asks freely
+
+
+@BOTH_ENGINES
+@pytest.mark.parametrize("model_reply", [
+    Reply(pieces=["word "] * 400, delay_s=0.01),
+    Reply(pieces=["Thinking hard..."], hang=True),  # nothing to write meanwhile
+], ids=["talking", "silent"])
+def test_a_stop_requested_through_another_replica_ends_the_reply_within_a_second(
+    store, other_store, server, make_worker, model_reply
+):
+    server.enqueue(model_reply)
+    writer = make_worker(owner="replica-a")
+    reply = ask(store, writer)
+    wait_for_text(reply, 10)
+    started = time.monotonic()
+    assert other_store.request_stop(reply.message_id)
+    wait_done(reply, timeout=2)
+    assert time.monotonic() - started < 1
+    stored = store.get(reply.message_id)
+    assert (reply.status, stored.status) == ("stopped", "stopped")
+    assert stored.text == reply.text() and len(stored.text) >= 10
+    if not model_reply.hang:  # a hanging server notices the close only when it writes again
+        assert server.sent[0].done.wait(5) and server.sent[0].aborted  # the model stream was closed
+
+
+@BOTH_ENGINES
+def test_stop_through_either_replica_keeps_the_text(store, other_store, server, make_worker):
+    server.default = Reply(pieces=["word "] * 400, delay_s=0.01)
+    replica_a = make_worker(owner="replica-a")
+    replica_b = make_worker(store=other_store, owner="replica-b")
+    here, there = ask(store, replica_a), ask(store, replica_a, asker="Bob")
+    wait_for_text(here, 10)
+    wait_for_text(there, 10)
+    assert replica_a.stop(here.message_id)  # the replica writing it: at once
+    assert replica_b.stop(there.message_id)  # another replica: through the store
+    for reply in (here, there):
+        wait_done(reply, timeout=2)
+        assert (store.get(reply.message_id).status, store.get(reply.message_id).text) == ("stopped", reply.text())
+    assert not replica_b.stop(there.message_id)  # over already
