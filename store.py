@@ -64,6 +64,23 @@ RATE_WINDOW_S = 60.0  # the per-asker limit counts the replies started within th
 PROCESS = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+def _pid_space() -> str | None:
+    """Where a pid names one process: this kernel's boot and this pid namespace; None off Linux.
+
+    A hostname does not say it: containers that share one (host networking)
+    each see their own pids.
+    """
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return f"{boot} {namespace}"
+
+
+PID_SPACE = _pid_space()
+
+
 class StoreError(Exception):
     """Something the store refused to do."""
 
@@ -189,8 +206,11 @@ def m003_usage(db: Database) -> None:
 
 @migration
 def m004_replicas(db: Database) -> None:
-    # The last heartbeat of each process that writes replies, by owner tag.
-    db["replicas"].create({"owner": str, "beat_at": float}, pk="owner", not_null={"beat_at"})
+    # The last heartbeat of each process that writes replies, by owner tag, and
+    # its pid where that can tell a process's death at once (see _is_orphan).
+    db["replicas"].create(
+        {"owner": str, "beat_at": float, "pid_space": str, "pid": int}, pk="owner", not_null={"beat_at"}
+    )
 
 
 @migration
@@ -350,17 +370,21 @@ def _watch_commits(store_ref: weakref.ref) -> None:
         conn.close()
 
 
-def _is_orphan(owner: str | None, beat_at: float | None, updated_at: float, now: float, stale_after_s: float) -> bool:
+def _is_orphan(row: dict, now: float, stale_after_s: float) -> bool:
     """Whether the process writing a streaming reply is gone, ``now`` by the database's clock.
 
-    An owner that beats is alive while its last beat is recent, however long
-    its reply has been silent (a reasoning model may think for minutes), and
-    gone once it is not. An owner that never beat is judged by the reply's
-    last change, or at once when it was a process on this host that has exited.
+    ``row`` has the reply's ``owner`` and ``updated_at``, and its owner's
+    heartbeat (``beat_at``, ``pid_space``, ``pid``; None if it never beat). An
+    owner that beats is alive while its last beat is recent, however long its
+    reply has been silent (a reasoning model may think for minutes), and gone
+    once it is not, or at once when its pid has exited in this very pid space.
+    An owner that never beat (replies from before heartbeats, a NULL owner) is
+    judged by the reply's last change, or at once when its tag names a process
+    on this host that has exited.
     """
-    if beat_at is not None:
-        return now - beat_at > stale_after_s
-    return _exited_here(owner) or now - updated_at > stale_after_s
+    if row["beat_at"] is None:
+        return _tag_exited(row["owner"]) or now - row["updated_at"] > stale_after_s
+    return _exited(row["pid_space"], row["pid"]) or now - row["beat_at"] > stale_after_s
 
 
 def _last_sign(row: dict) -> float:
@@ -368,14 +392,21 @@ def _last_sign(row: dict) -> float:
     return row["updated_at"] if row["beat_at"] is None else row["beat_at"]
 
 
-def _exited_here(owner: str | None) -> bool:
-    """True for the owner tag of a process on this host that no longer runs (PROCESS's form)."""
+def _exited(pid_space: str | None, pid: int | None) -> bool:
+    """True for a pid of this very pid space that no process has any more; False when unsure."""
+    return pid_space is not None and pid_space == PID_SPACE and pid is not None and _gone(pid)
+
+
+def _tag_exited(owner: str | None) -> bool:
+    """True for a PROCESS tag (host:pid:token) of a process on this host that no longer runs."""
     host, _, rest = (owner or "").partition(":")
     pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
+    return host == socket.gethostname() and pid.isdigit() and _gone(int(pid))
+
+
+def _gone(pid: int) -> bool:
     try:
-        os.kill(int(pid), 0)  # is a process with that pid running here?
+        os.kill(pid, 0)  # is a process with that pid running?
     except ProcessLookupError:
         return True
     except PermissionError:
@@ -550,19 +581,20 @@ class Store(ChangeWaiting):
         """Mark replies left ``streaming`` by a dead process as ``interrupted``.
 
         Their text so far is kept. A reply is orphaned when its owner has not
-        beaten for ``stale_after_s`` (see _is_orphan); the replies of ``owner``
-        (this process) and of every replica that beats are left alone, so this
-        is safe to call at start-up and now and then. Returns how many it marked.
+        beaten for ``stale_after_s``, or its process has exited on this host
+        (see _is_orphan); the replies of ``owner`` (this process) and of every
+        replica that beats are left alone, so this is safe to call at start-up
+        and now and then. Returns how many it marked.
         """
         now = time.time()
         orphans = [
             row
             for row in self.db.query(
-                "SELECT id, room, owner, updated_at, (SELECT beat_at FROM replicas WHERE replicas.owner = messages.owner) "
-                "AS beat_at FROM messages WHERE status = 'streaming' AND owner IS NOT ?",
+                "SELECT m.id, m.room, m.owner, m.updated_at, r.beat_at, r.pid_space, r.pid FROM messages AS m "
+                "LEFT JOIN replicas AS r ON r.owner = m.owner WHERE m.status = 'streaming' AND m.owner IS NOT ?",
                 [owner],
             )
-            if _is_orphan(row["owner"], row["beat_at"], row["updated_at"], now, stale_after_s)
+            if _is_orphan(row, now, stale_after_s)
         ]
         if not orphans:
             return 0
@@ -614,12 +646,12 @@ class Store(ChangeWaiting):
     # Replicas ----------------------------------------------------------------
 
     def beat(self, owner: str = PROCESS) -> None:
-        """Record that ``owner`` lives, now: its streaming replies are not orphans while it beats."""
+        """Record that ``owner`` lives, now, in this process: its streaming replies are not orphans while it beats."""
         with _immediate(self.db) as db:  # nobody waits for a heartbeat: no change to note
             db.execute(
-                "INSERT INTO replicas (owner, beat_at) VALUES (?, ?) "
-                "ON CONFLICT (owner) DO UPDATE SET beat_at = excluded.beat_at",
-                [owner, time.time()],
+                "INSERT INTO replicas (owner, beat_at, pid_space, pid) VALUES (?, ?, ?, ?) ON CONFLICT (owner) "
+                "DO UPDATE SET beat_at = excluded.beat_at, pid_space = excluded.pid_space, pid = excluded.pid",
+                [owner, time.time(), PID_SPACE, os.getpid()],
             )
 
     def retire(self, owner: str = PROCESS) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 import weakref
@@ -36,6 +37,7 @@ from store import (
     DatabaseUnavailable,
     INTERRUPTED_NOTE,
     LAST_SIGN_SQL,
+    PID_SPACE,
     PROCESS,
     STALE_AFTER_S,
     Message,
@@ -113,7 +115,9 @@ def m003_usage(conn: psycopg.Connection) -> None:
 
 @migration
 def m004_replicas(conn: psycopg.Connection) -> None:
-    conn.execute("CREATE TABLE replicas (owner TEXT PRIMARY KEY, beat_at DOUBLE PRECISION NOT NULL)")
+    conn.execute(
+        "CREATE TABLE replicas (owner TEXT PRIMARY KEY, beat_at DOUBLE PRECISION NOT NULL, pid_space TEXT, pid INTEGER)"
+    )
 
 
 @migration
@@ -273,13 +277,12 @@ class PgStore(ChangeWaiting):
     def recover_interrupted(self, stale_after_s: float = STALE_AFTER_S, owner: str = PROCESS) -> int:
         with self._reading() as conn:
             rows = conn.execute(
-                "SELECT id, room, owner, updated_at, (SELECT beat_at FROM replicas WHERE replicas.owner = messages.owner) "
-                f"AS beat_at, {NOW} AS now FROM messages WHERE status = 'streaming' AND owner IS DISTINCT FROM %s",
+                f"SELECT m.id, m.room, m.owner, m.updated_at, r.beat_at, r.pid_space, r.pid, {NOW} AS now "
+                "FROM messages AS m LEFT JOIN replicas AS r ON r.owner = m.owner "
+                "WHERE m.status = 'streaming' AND m.owner IS DISTINCT FROM %s",
                 [owner],
             ).fetchall()
-        orphans = [
-            row for row in rows if _is_orphan(row["owner"], row["beat_at"], row["updated_at"], row["now"], stale_after_s)
-        ]
+        orphans = [row for row in rows if _is_orphan(row, row["now"], stale_after_s)]
         if not orphans:
             return 0
         count = 0
@@ -321,9 +324,9 @@ class PgStore(ChangeWaiting):
     def beat(self, owner: str = PROCESS) -> None:
         with self._reading() as conn:  # one statement, no notification: nobody waits for a heartbeat
             conn.execute(
-                f"INSERT INTO replicas (owner, beat_at) VALUES (%s, {NOW}) "
-                "ON CONFLICT (owner) DO UPDATE SET beat_at = EXCLUDED.beat_at",
-                [owner],
+                f"INSERT INTO replicas (owner, beat_at, pid_space, pid) VALUES (%s, {NOW}, %s, %s) ON CONFLICT (owner) "
+                "DO UPDATE SET beat_at = EXCLUDED.beat_at, pid_space = EXCLUDED.pid_space, pid = EXCLUDED.pid",
+                [owner, PID_SPACE, os.getpid()],
             )
 
     def retire(self, owner: str = PROCESS) -> None:

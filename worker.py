@@ -209,7 +209,7 @@ class ReplyWorker:
         self.first_token_timeout_s = first_token_timeout_s
         self._chunker = chunker
         self._lock = threading.Lock()
-        self._starting = 0  # slots reserved by ask() before the thread exists
+        self._starting = 0  # slots held by post() and ask() before the thread exists
         self._active: dict[int, tuple[LiveReply, threading.Thread]] = {}
         self._finished: OrderedDict[int, LiveReply] = OrderedDict()
         self._closed = False
@@ -234,11 +234,12 @@ class ReplyWorker:
         room, author, text = check_room(room), check_name(author), check_text(text)
         if not MENTION.search(text):
             return Posted(self.store.add_message(room, author, text), None)
+        asker = asker or author
         with self._slot(), _refusals():
             question, message = self.store.add_question(
-                room, author, text, owner=self.owner, asker=asker or author, limits=self.limits
+                room, author, text, owner=self.owner, asker=asker, limits=self.limits
             )
-        return Posted(question, self._launch(message, asker or author))
+        return Posted(question, self._launch(message, asker))
 
     def ask(self, room: str, asker: str, reply_to: int | None = None) -> LiveReply:
         """Start a reply to message ``reply_to`` (a retry), or raise ReplyRefused."""

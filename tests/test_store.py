@@ -15,6 +15,7 @@ from store import (
     MAX_MESSAGE_CHARS,
     AskingTooFast,
     InvalidInput,
+    PID_SPACE,
     NotStreaming,
     ReplyLimits,
     Store,
@@ -33,7 +34,7 @@ def test_migrations_run_once_and_can_repeat(store, db_path):
     assert names == [
         "m001_initial", "m002_reply_owner", "m003_usage", "m004_replicas", "m005_reply_asker", "m006_stop_requests",
     ]
-    assert query(store, "SELECT COUNT(*) FROM replicas") == [(0,)]
+    assert query(store, "SELECT owner, beat_at, pid_space, pid FROM replicas") == []
     message = store.add_message("general", "Ada", "hi")
     assert [tuple(query(store, f"SELECT {column} FROM messages"))[0] for column in (
         "room", "author", "role", "status", "error", "owner", "prompt_tokens", "completion_tokens", "reasoning_tokens",
@@ -153,6 +154,22 @@ def test_a_reply_whose_owner_beats_is_left_alone_however_old_and_one_whose_owner
     query(store, "UPDATE replicas SET beat_at = beat_at - 31 WHERE owner = 'replica-a'")  # now replica-a stops too
     assert other_store.recover_interrupted(stale_after_s=30, owner="replica-b") == 1
     assert (store.get(thinking.id).status, store.get(thinking.id).text) == ("interrupted", "Let me think. ")
+
+
+@pytest.mark.skipif(PID_SPACE is None, reason="pids are told apart through /proc (Linux)")
+def test_a_beating_owner_is_gone_before_its_heartbeat_is_stale_only_if_its_pid_exited_in_this_pid_space(
+    store, other_store, dead_owner
+):
+    for owner in ("here", "other-container", "no-proc"):
+        store.beat(owner)
+        store.start_reply("general", owner=owner)
+    query(store, "UPDATE replicas SET pid = ?", [int(dead_owner.split(":")[1])])  # a pid that has exited here
+    query(store, "UPDATE replicas SET pid_space = 'another boot or pid namespace' WHERE owner = 'other-container'")
+    query(store, "UPDATE replicas SET pid_space = NULL WHERE owner = 'no-proc'")
+    assert other_store.recover_interrupted(stale_after_s=30, owner="replica-b") == 1
+    assert {m.owner: m.status for m in store.recent("general")} == {
+        "here": "interrupted", "other-container": "streaming", "no-proc": "streaming",
+    }
 
 
 def test_a_replica_never_interrupts_its_own_replies(store):

@@ -572,7 +572,8 @@ time.sleep(60)
 
 
 @BOTH_ENGINES
-def test_the_replies_of_a_killed_replica_end_interrupted_as_another_replica_sees_it(store, db_path, make_worker):
+@pytest.mark.parametrize("where", ["this host", "another host"])
+def test_the_replies_of_a_killed_replica_end_interrupted_as_another_replica_sees_it(store, db_path, make_worker, where):
     replica = subprocess.Popen(
         [sys.executable, "-c", KILLED_REPLICA, getattr(store, "url", str(db_path))],
         cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE, text=True,
@@ -583,13 +584,19 @@ def test_the_replies_of_a_killed_replica_end_interrupted_as_another_replica_sees
     finally:
         replica.kill()
         replica.wait()
-    text = store.get(message_id).text
+    owner, text = store.get(message_id).owner, store.get(message_id).text
     assert store.get(message_id).status == "streaming"
-    survivor = make_worker(model=DemoModel(), owner="replica-b", stale_after_s=0.5)
-    started = time.monotonic()
-    survivor.start_housekeeping(interval_s=0.1)
-    wait_until(lambda: store.get(message_id).status != "streaming")
-    assert time.monotonic() - started < 2
+    assert query(store, "SELECT pid FROM replicas WHERE owner = ?", [owner]) == [(replica.pid,)]
+    if where == "this host":
+        assert store.recover_interrupted() == 1  # at start-up: its pid is gone from this very pid space
+    else:
+        query(store, "UPDATE replicas SET pid_space = 'another host' WHERE owner = ?", [owner])
+        assert store.recover_interrupted() == 0  # it beat within the last 30 s
+        survivor = make_worker(model=DemoModel(), owner="replica-b", stale_after_s=0.5)
+        started = time.monotonic()
+        survivor.start_housekeeping(interval_s=0.1)
+        wait_until(lambda: store.get(message_id).status != "streaming")
+        assert time.monotonic() - started < 2
     stored = store.get(message_id)
     assert (stored.status, stored.text, stored.error) == ("interrupted", text, INTERRUPTED_NOTE)
 
