@@ -220,6 +220,7 @@ class ReplyWorker:
         self.limits = ReplyLimits(max_concurrent, replies_per_minute, stale_after_s)
         self.beat_every_s = beat_every_s
         self._stirred = threading.Condition(self._lock)  # a reply started or ended, or shutdown: wakes the threads below
+        self._beat()  # before any reply of this owner exists, so that none is judged as an owner's that never beat
         self._pulse_thread = threading.Thread(target=self._pulse, name="reply-worker-pulse", daemon=True)
         self._pulse_thread.start()
 
@@ -343,7 +344,7 @@ class ReplyWorker:
         With no reply being written it only beats, waiting in between for a
         reply to start. It retires once shutdown has ended every reply.
         """
-        next_beat = 0.0
+        next_beat = time.monotonic() + self.beat_every_s
         while True:
             if time.monotonic() >= next_beat:
                 self._beat()
@@ -354,18 +355,19 @@ class ReplyWorker:
                 self._stirred.wait_for(lambda: self._active or self._closed, max(0.0, next_beat - time.monotonic()))
                 writing = list(self._active)
             if writing:
-                self._end_stopped(writing)
+                self._end_stopped(writing, until=next_beat)
         try:
             self.store.retire(self.owner)
         except Exception:
             log.warning("could not remove replica %s from the database", self.owner, exc_info=True)
 
-    def _end_stopped(self, message_ids: list[int]) -> None:
+    def _end_stopped(self, message_ids: list[int], until: float) -> None:
         """Stop those of ``message_ids`` someone asked to stop, then wait for the database to change.
 
         A request made through any replica changes the database, which wakes
         the wait: at once on PostgreSQL (LISTEN/NOTIFY), within WATCH_S on
-        SQLite; STOP_WAIT_S bounds it should a notification be lost.
+        SQLite; STOP_WAIT_S bounds it should a notification be lost, and so
+        does ``until`` (time.monotonic()), the next heartbeat.
         """
         seen = self.store.changes()
         checked_at = time.monotonic()
@@ -376,8 +378,8 @@ class ReplyWorker:
             stopped = set()
         for message_id in stopped:
             self._stop_here(message_id)
-        self.store.wait_for_change(seen, STOP_WAIT_S)
-        time.sleep(max(0.0, STOP_GAP_S - (time.monotonic() - checked_at)))
+        self.store.wait_for_change(seen, max(0.0, min(STOP_WAIT_S, until - time.monotonic())))
+        time.sleep(max(0.0, min(STOP_GAP_S - (time.monotonic() - checked_at), until - time.monotonic())))
 
     def _stop_here(self, message_id: int) -> bool:
         """Stop the reply as its Stop button does, if this replica writes it; False if not."""

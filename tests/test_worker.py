@@ -545,9 +545,9 @@ def test_a_replica_beats_while_it_lives_and_leaves_at_shutdown(store, make_worke
 def test_a_silent_reply_of_a_replica_that_beats_outlives_another_replicas_housekeeping(
     store, other_store, server, make_worker
 ):
-    server.enqueue(Reply(think_s=2.0, pieces=PIECES))  # silent for 2 s; the other replica allows 0.5 s
-    writer = make_worker(owner="replica-a", beat_every_s=0.1)
-    tidier = make_worker(store=other_store, model=DemoModel(), owner="replica-b", stale_after_s=0.5)
+    server.enqueue(Reply(think_s=2.0, pieces=PIECES))  # silent for 2 s; the other replica allows 0.4 s
+    writer = make_worker(owner="replica-a", beat_every_s=0.05)  # also while it waits to hear of stop requests
+    tidier = make_worker(store=other_store, model=DemoModel(), owner="replica-b", stale_after_s=0.4)
     store.beat("replica-gone")
     gone = store.start_reply("general", owner="replica-gone")
     query(store, "UPDATE replicas SET beat_at = beat_at - 1 WHERE owner = 'replica-gone'")
