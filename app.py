@@ -102,9 +102,7 @@ def open_store(database: str) -> Store:
 def start_worker(settings: Settings) -> ReplyWorker:
     """One worker per process, started once: first marks replies a dead process left."""
     store = open_store(settings.database)
-    # A live reply is written to at least this often (thinking before the first word included).
-    stale_after_s = max(settings.idle_timeout_s, settings.first_token_timeout_s) + 30
-    store.recover_interrupted(stale_after_s)
+    store.recover_interrupted()  # replies of processes that stopped beating (store.STALE_AFTER_S)
     worker = ReplyWorker(
         store,
         model_from_settings(settings),
@@ -115,7 +113,7 @@ def start_worker(settings: Settings) -> ReplyWorker:
         first_token_timeout_s=settings.first_token_timeout_s,
     )
     worker.shutdown_with_process()  # on SIGTERM, replies end "interrupted" within seconds
-    worker.start_housekeeping(stale_after_s)
+    worker.start_housekeeping()
     return worker
 
 
@@ -651,7 +649,7 @@ class BlockView:
 def stop(worker: ReplyWorker, room: str, tab: str) -> None:
     """Stop button callback: stop this tab's newest live reply, if it is still running."""
     if (mine := my_live_reply(worker, room, tab)) is not None:
-        mine.cancel()
+        worker.stop(mine.message_id)
 
 
 def main() -> None:

@@ -9,6 +9,13 @@ Every thread (each Streamlit script run, each reply worker) gets its own
 connection, so WAL readers never wait for a writer. Every write is one
 ``BEGIN IMMEDIATE`` transaction, which waits on ``busy_timeout`` instead of
 failing with "database is locked" halfway through.
+
+Several processes (replicas) may share the database. Each one that writes
+replies beats: it records the time in ``replicas`` every few seconds, and a
+streaming reply whose owner has not beaten for ``STALE_AFTER_S`` is taken to
+be orphaned (see recover_interrupted). Times are epoch seconds from the
+database's own clock, so that replicas agree on them: SQLite is only shared on
+one host, whose clock is ``time.time()``; PostgreSQL's store asks the server.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import time
 import unicodedata
 import uuid
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,9 +56,29 @@ CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 STATUSES = ("complete", "streaming", "stopped", "error", "interrupted", "truncated")
 FINAL_STATUSES = frozenset(STATUSES) - {"streaming"}
 INTERRUPTED_NOTE = "The server restarted while this reply was being written."
+BEAT_EVERY_S = 10.0  # how often a replica writing replies records that it lives
+STALE_AFTER_S = 30.0  # a replica silent this long is gone, and so are its replies
+RATE_WINDOW_S = 60.0  # the per-asker limit counts the replies started within this window
 # This process, as recorded on the replies it writes: host, pid, and a token
 # that tells it apart from an earlier process that had the same pid.
 PROCESS = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _pid_space() -> str | None:
+    """Where a pid names one process: this kernel's boot and this pid namespace; None off Linux.
+
+    A hostname does not say it: containers that share one (host networking)
+    each see their own pids.
+    """
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return f"{boot} {namespace}"
+
+
+PID_SPACE = _pid_space()
 
 
 class StoreError(Exception):
@@ -70,6 +97,43 @@ class NotStreaming(StoreError):
     """A chunk or final status for a reply that is not streaming any more."""
 
 
+class TooManyReplies(StoreError):
+    """Every replica together is writing as many replies as ``limit`` allows."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"{limit} replies are being written already")
+        self.limit = limit
+
+
+class AskingTooFast(StoreError):
+    """The asker started ``limit`` replies within RATE_WINDOW_S; the next may start in ``wait_s``."""
+
+    def __init__(self, limit: int, wait_s: float):
+        super().__init__(f"{limit} replies asked for within {RATE_WINDOW_S:g} s; the next in {wait_s:.1f} s")
+        self.limit, self.wait_s = limit, wait_s
+
+
+@dataclass(frozen=True)
+class ReplyLimits:
+    """What a new reply may not exceed, counted over every replica on the database."""
+
+    max_concurrent: int  # replies being written at once (streaming, by an owner that beats)
+    replies_per_minute: int  # replies one asker may start within RATE_WINDOW_S
+    stale_after_s: float = STALE_AFTER_S  # replies of owners silent this long no longer count
+
+
+def check_limits(limits: ReplyLimits, writing: int, asked: int, oldest: float | None, now: float) -> None:
+    """Raise if a new reply would exceed ``limits``, given what the database counted.
+
+    ``writing`` replies are being written; the asker started ``asked`` within
+    RATE_WINDOW_S, the ``oldest`` of them then (all by the database's clock).
+    """
+    if asked >= limits.replies_per_minute:
+        raise AskingTooFast(limits.replies_per_minute, oldest + RATE_WINDOW_S - now)
+    if writing >= limits.max_concurrent:
+        raise TooManyReplies(limits.max_concurrent)
+
+
 @dataclass(frozen=True)
 class Message:
     id: int
@@ -86,6 +150,8 @@ class Message:
     prompt_tokens: int | None = None  # as the provider reported them, for a finished reply
     completion_tokens: int | None = None
     reasoning_tokens: int | None = None
+    asker: str | None = None  # whom a reply counts against (the asking tab's token)
+    stop_requested_at: float | None = None  # someone asked to stop this reply (see Store.request_stop)
 
     @property
     def is_final(self) -> bool:
@@ -136,6 +202,34 @@ def m003_usage(db: Database) -> None:
     # What a reply cost, as the provider reported it.
     for column in ("prompt_tokens", "completion_tokens", "reasoning_tokens"):
         db["messages"].add_column(column, int)
+
+
+@migration
+def m004_replicas(db: Database) -> None:
+    # The last heartbeat of each process that writes replies, by owner tag, and
+    # its pid where that can tell a process's death at once (see _is_orphan).
+    db["replicas"].create(
+        {"owner": str, "beat_at": float, "pid_space": str, "pid": int}, pk="owner", not_null={"beat_at"}
+    )
+
+
+@migration
+def m005_reply_asker(db: Database) -> None:
+    # Who asked for a reply, so that every replica counts the same replies per asker.
+    db["messages"].add_column("asker", str)
+    db["messages"].create_index(["asker", "created_at"])
+
+
+@migration
+def m006_stop_requests(db: Database) -> None:
+    # A stop asked for through any replica, for the one writing the reply to act on.
+    db["messages"].add_column("stop_requested_at", float)
+
+
+# The last sign of life of a streaming reply's owner, in SQL both engines speak:
+# its latest heartbeat; for an owner that never beat (rows from before
+# heartbeats, a NULL owner), the reply's own last change.
+LAST_SIGN_SQL = "COALESCE((SELECT beat_at FROM replicas WHERE replicas.owner = messages.owner), messages.updated_at)"
 
 
 def migrate(db: Database) -> None:
@@ -276,21 +370,48 @@ def _watch_commits(store_ref: weakref.ref) -> None:
         conn.close()
 
 
-def _is_orphan(owner: str | None, updated_at: float, stale_after_s: float) -> bool:
-    if owner == PROCESS:
-        return False
+def _is_orphan(row: dict, now: float, stale_after_s: float) -> bool:
+    """Whether the process writing a streaming reply is gone, ``now`` by the database's clock.
+
+    ``row`` has the reply's ``owner`` and ``updated_at``, and its owner's
+    heartbeat (``beat_at``, ``pid_space``, ``pid``; None if it never beat). An
+    owner that beats is alive while its last beat is recent, however long its
+    reply has been silent (a reasoning model may think for minutes), and gone
+    once it is not, or at once when its pid has exited in this very pid space.
+    An owner that never beat (replies from before heartbeats, a NULL owner) is
+    judged by the reply's last change, or at once when its tag names a process
+    on this host that has exited.
+    """
+    if row["beat_at"] is None:
+        return _tag_exited(row["owner"]) or now - row["updated_at"] > stale_after_s
+    return _exited(row["pid_space"], row["pid"]) or now - row["beat_at"] > stale_after_s
+
+
+def _last_sign(row: dict) -> float:
+    """LAST_SIGN_SQL of a row that has ``beat_at`` and ``updated_at``."""
+    return row["updated_at"] if row["beat_at"] is None else row["beat_at"]
+
+
+def _exited(pid_space: str | None, pid: int | None) -> bool:
+    """True for a pid of this very pid space that no process has any more; False when unsure."""
+    return pid_space is not None and pid_space == PID_SPACE and pid is not None and _gone(pid)
+
+
+def _tag_exited(owner: str | None) -> bool:
+    """True for a PROCESS tag (host:pid:token) of a process on this host that no longer runs."""
     host, _, rest = (owner or "").partition(":")
     pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
-        return time.time() - updated_at > stale_after_s
+    return host == socket.gethostname() and pid.isdigit() and _gone(int(pid))
+
+
+def _gone(pid: int) -> bool:
     try:
-        os.kill(int(pid), 0)  # is a process with that pid running here?
+        os.kill(pid, 0)  # is a process with that pid running?
     except ProcessLookupError:
         return True
     except PermissionError:
         pass  # it runs, as another user
-    # A live pid may be a new process reusing an old one's: only the clock can tell.
-    return time.time() - updated_at > stale_after_s
+    return False  # it runs, or another process took its pid: the clock will tell
 
 
 def open_store(location: str | Path):
@@ -379,21 +500,42 @@ class Store(ChangeWaiting):
             self._bump(db, room)
         return self.get(message_id)
 
-    def start_reply(self, room: str, reply_to: int | None = None, owner: str = PROCESS) -> Message:
-        """An empty assistant message in status ``streaming``, to append chunks to."""
+    def start_reply(
+        self,
+        room: str,
+        reply_to: int | None = None,
+        owner: str = PROCESS,
+        asker: str | None = None,
+        limits: ReplyLimits | None = None,
+    ) -> Message:
+        """An empty assistant message in status ``streaming``, to append chunks to.
+
+        With ``limits``, it is stored only if they allow it (counted in the same
+        write), else TooManyReplies or AskingTooFast is raised.
+        """
         room = check_room(room)
         with self._writing() as db:
-            message_id = self._insert_reply(db, room, reply_to, owner)
+            self._within(db, limits, owner, asker)
+            message_id = self._insert_reply(db, room, reply_to, owner, asker)
             self._bump(db, room)
         return self.get(message_id)
 
-    def add_question(self, room: str, author: str, text: str) -> tuple[Message, Message]:
-        """A person's message and the empty reply to it, stored together or not at all."""
+    def add_question(
+        self,
+        room: str,
+        author: str,
+        text: str,
+        owner: str = PROCESS,
+        asker: str | None = None,
+        limits: ReplyLimits | None = None,
+    ) -> tuple[Message, Message]:
+        """A person's message and the empty reply to it, stored together or not at all (see start_reply)."""
         room, author, text = check_room(room), check_name(author), check_text(text)
         with self._writing() as db:
+            self._within(db, limits, owner, asker)
             question_id = self._insert_message(db, room, author, "user", "complete", None, time.time())
             self._insert_chunk(db, question_id, 0, text)
-            reply_id = self._insert_reply(db, room, question_id, PROCESS)
+            reply_id = self._insert_reply(db, room, question_id, owner, asker)
             self._bump(db, room)
         return self.get(question_id), self.get(reply_id)
 
@@ -435,32 +577,87 @@ class Store(ChangeWaiting):
             )
             self._bump(db, room)
 
-    def recover_interrupted(self, stale_after_s: float = 300.0) -> int:
+    def recover_interrupted(self, stale_after_s: float = STALE_AFTER_S, owner: str = PROCESS) -> int:
         """Mark replies left ``streaming`` by a dead process as ``interrupted``.
 
-        Their text so far is kept. A reply is orphaned when the process that
-        writes it is gone: on this host, its pid no longer runs (or is another
-        process now); elsewhere, it has not changed for ``stale_after_s``.
-        Replies of live processes, this one included, are left alone, so this
-        is safe to call at start-up and now and then. Returns how many it marked.
+        Their text so far is kept. A reply is orphaned when its owner has not
+        beaten for ``stale_after_s``, or its process has exited on this host
+        (see _is_orphan); the replies of ``owner`` (this process) and of every
+        replica that beats are left alone, so this is safe to call at start-up
+        and now and then. Returns how many it marked.
         """
+        now = time.time()
         orphans = [
             row
             for row in self.db.query(
-                "SELECT id, room, owner, updated_at FROM messages WHERE status = 'streaming'"
+                "SELECT m.id, m.room, m.owner, m.updated_at, r.beat_at, r.pid_space, r.pid FROM messages AS m "
+                "LEFT JOIN replicas AS r ON r.owner = m.owner WHERE m.status = 'streaming' AND m.owner IS NOT ?",
+                [owner],
             )
-            if _is_orphan(row["owner"], row["updated_at"], stale_after_s)
+            if _is_orphan(row, now, stale_after_s)
         ]
+        if not orphans:
+            return 0
         count = 0
         with self._writing() as db:
             for row in orphans:
-                count += db.execute(
+                # Only if its owner has shown no sign of life since it was read.
+                marked = db.execute(
                     "UPDATE messages SET status = 'interrupted', error = ?, updated_at = ? "
-                    "WHERE id = ? AND status = 'streaming' AND updated_at = ?",
-                    [INTERRUPTED_NOTE, time.time(), row["id"], row["updated_at"]],
+                    f"WHERE id = ? AND status = 'streaming' AND {LAST_SIGN_SQL} = ?",
+                    [INTERRUPTED_NOTE, now, row["id"], _last_sign(row)],
                 ).rowcount
-                self._bump(db, row["room"])
+                if marked:
+                    count += marked
+                    self._bump(db, row["room"])
         return count
+
+    def request_stop(self, message_id: int) -> bool:
+        """Ask whichever replica writes a streaming reply to stop it, as its Stop button does.
+
+        Pages notice (the room's version changes); the writing ReplyWorker ends
+        the reply, its text kept, as ``stopped``. False, and nothing changes,
+        for a reply that is not streaming any more.
+        """
+        with self._writing() as db:
+            rows = db.execute(
+                "UPDATE messages SET stop_requested_at = COALESCE(stop_requested_at, ?) "
+                "WHERE id = ? AND status = 'streaming' RETURNING room",
+                [time.time(), message_id],
+            ).fetchall()
+            if rows:
+                self._bump(db, rows[0][0])
+        return bool(rows)
+
+    def stop_requested(self, message_ids: Collection[int]) -> set[int]:
+        """Those of ``message_ids`` that are streaming and someone asked to stop."""
+        if not message_ids:
+            return set()
+        placeholders = ",".join("?" * len(message_ids))
+        return {
+            message_id
+            for (message_id,) in self.db.execute(
+                f"SELECT id FROM messages WHERE id IN ({placeholders}) "
+                "AND status = 'streaming' AND stop_requested_at IS NOT NULL",
+                list(message_ids),
+            )
+        }
+
+    # Replicas ----------------------------------------------------------------
+
+    def beat(self, owner: str = PROCESS) -> None:
+        """Record that ``owner`` lives, now, in this process: its streaming replies are not orphans while it beats."""
+        with _immediate(self.db) as db:  # nobody waits for a heartbeat: no change to note
+            db.execute(
+                "INSERT INTO replicas (owner, beat_at, pid_space, pid) VALUES (?, ?, ?, ?) ON CONFLICT (owner) "
+                "DO UPDATE SET beat_at = excluded.beat_at, pid_space = excluded.pid_space, pid = excluded.pid",
+                [owner, time.time(), PID_SPACE, os.getpid()],
+            )
+
+    def retire(self, owner: str = PROCESS) -> None:
+        """Forget ``owner``'s heartbeat, as it shuts down cleanly."""
+        with _immediate(self.db) as db:
+            db.execute("DELETE FROM replicas WHERE owner = ?", [owner])
 
     # Reading ---------------------------------------------------------------
 
@@ -516,12 +713,28 @@ class Store(ChangeWaiting):
         ).lastrowid
 
     @staticmethod
-    def _insert_reply(db, room: str, reply_to: int | None, owner: str) -> int:
+    def _insert_reply(db, room: str, reply_to: int | None, owner: str, asker: str | None) -> int:
         message_id = Store._insert_message(
             db, room, ASSISTANT_NAME, "assistant", "streaming", reply_to, time.time()
         )
-        db.execute("UPDATE messages SET owner = ? WHERE id = ?", [owner, message_id])
+        db.execute("UPDATE messages SET owner = ?, asker = ? WHERE id = ?", [owner, asker, message_id])
         return message_id
+
+    @staticmethod
+    def _within(db, limits: ReplyLimits | None, owner: str, asker: str | None) -> None:
+        """Raise unless ``limits`` allow one more reply; inside the write, so no other can slip in meanwhile."""
+        if limits is None:
+            return
+        now = time.time()
+        writing = db.execute(
+            f"SELECT COUNT(*) FROM messages WHERE status = 'streaming' AND (owner = ? OR {LAST_SIGN_SQL} > ?)",
+            [owner, now - limits.stale_after_s],
+        ).fetchone()[0]
+        asked, oldest = db.execute(
+            "SELECT COUNT(*), MIN(created_at) FROM messages WHERE asker = ? AND created_at > ?",
+            [asker, now - RATE_WINDOW_S],
+        ).fetchone()
+        check_limits(limits, writing, asked, oldest, now)
 
     @staticmethod
     def _insert_chunk(db, message_id: int, seq: int, text: str) -> None:

@@ -9,16 +9,21 @@ Connections come from a small pool. Every write is one transaction that ends
 with ``pg_notify('chat_changes', room)``, delivered when it commits: one
 listening connection per Store wakes whoever waits for a change, whichever
 process wrote it, without polling.
+
+Every time stored (``created_at``, ``updated_at``, heartbeats) is the server's
+``now()`` in epoch seconds, never the writing host's clock: replicas on hosts
+whose clocks differ still agree on whose heartbeat is stale.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -31,11 +36,18 @@ from store import (
     ChangeWaiting,
     DatabaseUnavailable,
     INTERRUPTED_NOTE,
+    LAST_SIGN_SQL,
+    PID_SPACE,
     PROCESS,
+    STALE_AFTER_S,
     Message,
     NotStreaming,
+    RATE_WINDOW_S,
+    ReplyLimits,
     StoreError,
+    check_limits,
     _is_orphan,
+    _last_sign,
     check_name,
     check_room,
     check_text,
@@ -46,7 +58,9 @@ log = logging.getLogger(__name__)
 CHANNEL = "chat_changes"
 LISTEN_RETRY_S = 1.0  # after the listening connection fails, before trying again
 MIGRATION_LOCK = 7_314_002  # pg_advisory_xact_lock key: one process migrates at a time
+LIMITS_LOCK = 7_314_003  # ... and one counts the reply limits and inserts a reply at a time
 CONNECT_TIMEOUT_S = 5  # a page waits at most this long for an unreachable database
+NOW = "EXTRACT(EPOCH FROM now())::DOUBLE PRECISION"  # the server's clock (at the transaction's start)
 
 
 def describe(url: str) -> str:
@@ -97,6 +111,24 @@ def m002_reply_owner(conn: psycopg.Connection) -> None:
 def m003_usage(conn: psycopg.Connection) -> None:
     for column in ("prompt_tokens", "completion_tokens", "reasoning_tokens"):
         conn.execute(f"ALTER TABLE messages ADD COLUMN {column} INTEGER")
+
+
+@migration
+def m004_replicas(conn: psycopg.Connection) -> None:
+    conn.execute(
+        "CREATE TABLE replicas (owner TEXT PRIMARY KEY, beat_at DOUBLE PRECISION NOT NULL, pid_space TEXT, pid INTEGER)"
+    )
+
+
+@migration
+def m005_reply_asker(conn: psycopg.Connection) -> None:
+    conn.execute("ALTER TABLE messages ADD COLUMN asker TEXT")
+    conn.execute("CREATE INDEX messages_asker_created_at ON messages (asker, created_at)")
+
+
+@migration
+def m006_stop_requests(conn: psycopg.Connection) -> None:
+    conn.execute("ALTER TABLE messages ADD COLUMN stop_requested_at DOUBLE PRECISION")
 
 
 def migrate(conn: psycopg.Connection) -> None:
@@ -184,19 +216,36 @@ class PgStore(ChangeWaiting):
             self._bump(conn, room)
         return self.get(message_id)
 
-    def start_reply(self, room: str, reply_to: int | None = None, owner: str = PROCESS) -> Message:
+    def start_reply(
+        self,
+        room: str,
+        reply_to: int | None = None,
+        owner: str = PROCESS,
+        asker: str | None = None,
+        limits: ReplyLimits | None = None,
+    ) -> Message:
         room = check_room(room)
         with self._writing() as conn:
-            message_id = self._insert_reply(conn, room, reply_to, owner)
+            self._within(conn, limits, owner, asker)
+            message_id = self._insert_reply(conn, room, reply_to, owner, asker)
             self._bump(conn, room)
         return self.get(message_id)
 
-    def add_question(self, room: str, author: str, text: str) -> tuple[Message, Message]:
+    def add_question(
+        self,
+        room: str,
+        author: str,
+        text: str,
+        owner: str = PROCESS,
+        asker: str | None = None,
+        limits: ReplyLimits | None = None,
+    ) -> tuple[Message, Message]:
         room, author, text = check_room(room), check_name(author), check_text(text)
         with self._writing() as conn:
+            self._within(conn, limits, owner, asker)
             question_id = self._insert_message(conn, room, author, "user", "complete", None)
             self._insert_chunk(conn, question_id, 0, text)
-            reply_id = self._insert_reply(conn, room, question_id, PROCESS)
+            reply_id = self._insert_reply(conn, room, question_id, owner, asker)
             self._bump(conn, room)
         return self.get(question_id), self.get(reply_id)
 
@@ -225,22 +274,64 @@ class PgStore(ChangeWaiting):
             )
             self._bump(conn, room)
 
-    def recover_interrupted(self, stale_after_s: float = 300.0) -> int:
+    def recover_interrupted(self, stale_after_s: float = STALE_AFTER_S, owner: str = PROCESS) -> int:
         with self._reading() as conn:
             rows = conn.execute(
-                "SELECT id, room, owner, updated_at FROM messages WHERE status = 'streaming'"
+                f"SELECT m.id, m.room, m.owner, m.updated_at, r.beat_at, r.pid_space, r.pid, {NOW} AS now "
+                "FROM messages AS m LEFT JOIN replicas AS r ON r.owner = m.owner "
+                "WHERE m.status = 'streaming' AND m.owner IS DISTINCT FROM %s",
+                [owner],
             ).fetchall()
-        orphans = [row for row in rows if _is_orphan(row["owner"], row["updated_at"], stale_after_s)]
+        orphans = [row for row in rows if _is_orphan(row, row["now"], stale_after_s)]
+        if not orphans:
+            return 0
         count = 0
         with self._writing() as conn:
             for row in orphans:
-                count += conn.execute(
-                    "UPDATE messages SET status = 'interrupted', error = %s, updated_at = %s "
-                    "WHERE id = %s AND status = 'streaming' AND updated_at = %s",
-                    [INTERRUPTED_NOTE, time.time(), row["id"], row["updated_at"]],
+                marked = conn.execute(
+                    f"UPDATE messages SET status = 'interrupted', error = %s, updated_at = {NOW} "
+                    f"WHERE id = %s AND status = 'streaming' AND {LAST_SIGN_SQL} = %s",
+                    [INTERRUPTED_NOTE, row["id"], _last_sign(row)],
                 ).rowcount
-                self._bump(conn, row["room"])
+                if marked:
+                    count += marked
+                    self._bump(conn, row["room"])
         return count
+
+    def request_stop(self, message_id: int) -> bool:
+        with self._writing() as conn:
+            row = conn.execute(
+                f"UPDATE messages SET stop_requested_at = COALESCE(stop_requested_at, {NOW}) "
+                "WHERE id = %s AND status = 'streaming' RETURNING room",
+                [message_id],
+            ).fetchone()
+            if row is not None:
+                self._bump(conn, row["room"])
+        return row is not None
+
+    def stop_requested(self, message_ids: Collection[int]) -> set[int]:
+        if not message_ids:
+            return set()
+        with self._reading() as conn:
+            rows = conn.execute(
+                "SELECT id FROM messages WHERE id = ANY(%s) AND status = 'streaming' AND stop_requested_at IS NOT NULL",
+                [list(message_ids)],
+            ).fetchall()
+        return {row["id"] for row in rows}
+
+    # Replicas ----------------------------------------------------------------
+
+    def beat(self, owner: str = PROCESS) -> None:
+        with self._reading() as conn:  # one statement, no notification: nobody waits for a heartbeat
+            conn.execute(
+                f"INSERT INTO replicas (owner, beat_at, pid_space, pid) VALUES (%s, {NOW}, %s, %s) ON CONFLICT (owner) "
+                "DO UPDATE SET beat_at = EXCLUDED.beat_at, pid_space = EXCLUDED.pid_space, pid = EXCLUDED.pid",
+                [owner, PID_SPACE, os.getpid()],
+            )
+
+    def retire(self, owner: str = PROCESS) -> None:
+        with self._reading() as conn:
+            conn.execute("DELETE FROM replicas WHERE owner = %s", [owner])
 
     # Reading ---------------------------------------------------------------
 
@@ -286,17 +377,34 @@ class PgStore(ChangeWaiting):
         return [Message(text="".join(texts[row["id"]]), **row) for row in rows]
 
     @staticmethod
-    def _insert_message(conn, room, author, role, status, reply_to, owner=None) -> int:
-        now = time.time()
+    def _insert_message(conn, room, author, role, status, reply_to, owner=None, asker=None) -> int:
         return conn.execute(
-            "INSERT INTO messages (room, author, role, status, reply_to, created_at, updated_at, owner) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
-            [room, author, role, status, reply_to, now, now, owner],
+            "INSERT INTO messages (room, author, role, status, reply_to, created_at, updated_at, owner, asker) "
+            f"VALUES (%s, %s, %s, %s, %s, {NOW}, {NOW}, %s, %s) RETURNING id",
+            [room, author, role, status, reply_to, owner, asker],
         ).fetchone()["id"]
 
     @staticmethod
-    def _insert_reply(conn, room: str, reply_to: int | None, owner: str) -> int:
-        return PgStore._insert_message(conn, room, ASSISTANT_NAME, "assistant", "streaming", reply_to, owner)
+    def _insert_reply(conn, room: str, reply_to: int | None, owner: str, asker: str | None) -> int:
+        return PgStore._insert_message(conn, room, ASSISTANT_NAME, "assistant", "streaming", reply_to, owner, asker)
+
+    @staticmethod
+    def _within(conn, limits: ReplyLimits | None, owner: str, asker: str | None) -> None:
+        """Raise unless ``limits`` allow one more reply; under a lock held until the write commits."""
+        if limits is None:
+            return
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", [LIMITS_LOCK])
+        writing = conn.execute(
+            "SELECT COUNT(*) AS n FROM messages "
+            f"WHERE status = 'streaming' AND (owner = %s OR {LAST_SIGN_SQL} > {NOW} - %s)",
+            [owner, limits.stale_after_s],
+        ).fetchone()["n"]
+        asked = conn.execute(
+            f"SELECT COUNT(*) AS n, MIN(created_at) AS oldest, {NOW} AS now FROM messages "
+            f"WHERE asker = %s AND created_at > {NOW} - %s",
+            [asker, RATE_WINDOW_S],
+        ).fetchone()
+        check_limits(limits, writing, asked["n"], asked["oldest"], asked["now"])
 
     @staticmethod
     def _insert_chunk(conn, message_id: int, seq: int, text: str) -> None:
@@ -315,8 +423,8 @@ class PgStore(ChangeWaiting):
         The row lock it takes also puts concurrent appends to one reply in line.
         """
         row = conn.execute(
-            "UPDATE messages SET updated_at = %s WHERE id = %s AND status = 'streaming' RETURNING room",
-            [time.time(), message_id],
+            f"UPDATE messages SET updated_at = {NOW} WHERE id = %s AND status = 'streaming' RETURNING room",
+            [message_id],
         ).fetchone()
         if row is None:
             raise NotStreaming(f"message {message_id} is not a streaming reply")

@@ -11,6 +11,13 @@ cannot be generated inside one. ``ReplyWorker`` (one per process, held in
 The pump thread only reads the model, so that a stop takes effect at once even
 while the model is silent. The reply thread owns all writes for its reply and
 always ends it in a final status.
+
+Several processes (replicas) may share one database. Each worker's pulse
+thread beats (Store.beat) from construction to shutdown, so that the others'
+housekeeping never takes its replies for orphans, however long a model thinks;
+and while the worker writes replies, it watches the store for stops requested
+through any replica (Store.request_stop) and ends those replies as a local
+Stop does.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import NamedTuple
@@ -31,11 +38,17 @@ from typing import NamedTuple
 from chunker import SentenceChunker
 from llm import CONTEXT_MESSAGES, MENTION, THINKING, Finished, Model, ModelError, TimedOut, Usage, build_context
 from store import (
+    BEAT_EVERY_S,
     INTERRUPTED_NOTE,
+    PROCESS,
+    STALE_AFTER_S,
+    AskingTooFast,
     DatabaseUnavailable,
     Message,
     NotStreaming,
+    ReplyLimits,
     Store,
+    TooManyReplies,
     check_name,
     check_room,
     check_text,
@@ -44,6 +57,9 @@ from store import (
 log = logging.getLogger(__name__)
 
 KEEP_FINISHED = 200  # finished replies kept in memory for late followers and stats
+TIDY_EVERY_S = 10.0  # housekeeping: a dead replica's replies end interrupted within STALE_AFTER_S + this
+STOP_WAIT_S = 0.5  # while replies are written: the longest between two checks for stop requests ...
+STOP_GAP_S = 0.1  # ... and the shortest, however often the database changes
 WRITE_ATTEMPTS = 3  # each attempt already waits up to the store's busy timeout
 FINAL_WRITE_ATTEMPTS = 12  # the final status matters most: about a minute of locks
 _CANCEL_NOTES = {"interrupted": INTERRUPTED_NOTE}
@@ -159,7 +175,14 @@ class LiveReply:
 
 
 class ReplyWorker:
-    """Starts, tracks and limits assistant replies for the whole process."""
+    """Starts, tracks and limits assistant replies for the whole process.
+
+    ``owner`` tags the replies it writes and its heartbeat, one per replica;
+    a replica that has not beaten for ``stale_after_s`` counts as gone. The
+    limits (``max_concurrent`` replies being written, ``replies_per_minute``
+    per asker) hold across every replica on the database: the store counts
+    them as it stores each new reply.
+    """
 
     final_write_attempts = FINAL_WRITE_ATTEMPTS
 
@@ -173,7 +196,9 @@ class ReplyWorker:
         idle_timeout_s: float = 30.0,
         first_token_timeout_s: float = 120.0,
         chunker: Callable[[], SentenceChunker] = SentenceChunker,
-        clock: Callable[[], float] = time.monotonic,
+        owner: str = PROCESS,
+        stale_after_s: float = STALE_AFTER_S,
+        beat_every_s: float = BEAT_EVERY_S,
     ):
         self.store = store
         self.model = model
@@ -183,15 +208,21 @@ class ReplyWorker:
         self.idle_timeout_s = idle_timeout_s
         self.first_token_timeout_s = first_token_timeout_s
         self._chunker = chunker
-        self._clock = clock
         self._lock = threading.Lock()
-        self._starting = 0  # slots reserved by ask() before the thread exists
+        self._starting = 0  # slots held by post() and ask() before the thread exists
         self._active: dict[int, tuple[LiveReply, threading.Thread]] = {}
         self._finished: OrderedDict[int, LiveReply] = OrderedDict()
-        self._asked: dict[str, deque[float]] = {}
         self._closed = False
         self._unsaved_ends: list[Callable[[], None]] = []  # final writes to try again
         self.totals = ReplyStats()
+        self.owner = owner
+        self.stale_after_s = stale_after_s
+        self.limits = ReplyLimits(max_concurrent, replies_per_minute, stale_after_s)
+        self.beat_every_s = beat_every_s
+        self._stirred = threading.Condition(self._lock)  # a reply started or ended, or shutdown: wakes the threads below
+        self._beat()  # before any reply of this owner exists, so that none is judged as an owner's that never beat
+        self._pulse_thread = threading.Thread(target=self._pulse, name="reply-worker-pulse", daemon=True)
+        self._pulse_thread.start()
 
     # Public ------------------------------------------------------------------
 
@@ -205,23 +236,27 @@ class ReplyWorker:
         if not MENTION.search(text):
             return Posted(self.store.add_message(room, author, text), None)
         asker = asker or author
-        stamp = self._reserve(asker)
-        try:
-            question, message = self.store.add_question(room, author, text)
-        except BaseException:
-            self._release(asker, stamp)
-            raise
+        with self._slot(), _refusals():
+            question, message = self.store.add_question(
+                room, author, text, owner=self.owner, asker=asker, limits=self.limits
+            )
         return Posted(question, self._launch(message, asker))
 
     def ask(self, room: str, asker: str, reply_to: int | None = None) -> LiveReply:
         """Start a reply to message ``reply_to`` (a retry), or raise ReplyRefused."""
-        stamp = self._reserve(asker)
-        try:
-            message = self.store.start_reply(check_room(room), reply_to)
-        except BaseException:
-            self._release(asker, stamp)
-            raise
+        with self._slot(), _refusals():
+            message = self.store.start_reply(
+                check_room(room), reply_to, owner=self.owner, asker=asker, limits=self.limits
+            )
         return self._launch(message, asker)
+
+    def stop(self, message_id: int) -> bool:
+        """Stop a reply being written, keeping its text: at once if this replica writes it,
+        else through the store, for the replica that does (within a second).
+
+        False if the reply is not being written any more.
+        """
+        return self._stop_here(message_id) or self.store.request_stop(message_id)
 
     def get(self, message_id: int) -> LiveReply | None:
         """The live (or recently finished) reply for a message, if this process has it."""
@@ -242,15 +277,20 @@ class ReplyWorker:
         return max(in_room, key=lambda reply: reply.message_id, default=None)
 
     def shutdown(self, timeout: float = 10.0) -> bool:
-        """End every reply as interrupted and wait for each to be stored; True if all ended in time."""
+        """End every reply as interrupted and wait for each to be stored; True if all ended in time.
+
+        Then the heartbeat stops and this replica's row is removed.
+        """
         with self._lock:
             self._closed = True
             running = list(self._active.values())
+            self._stirred.notify_all()
         for reply, _ in running:
             reply.cancel("interrupted")
         deadline = time.monotonic() + timeout
         for _, thread in running:
             thread.join(max(0.0, deadline - time.monotonic()))
+        self._pulse_thread.join(max(0.0, deadline - time.monotonic()))
         return not any(thread.is_alive() for _, thread in running)
 
     def shutdown_with_process(self, timeout: float = 5.0) -> None:
@@ -267,18 +307,20 @@ class ReplyWorker:
 
         threading.Thread(target=watch, name="reply-worker-exit", daemon=True).start()
 
-    def start_housekeeping(self, stale_after_s: float, interval_s: float = 30.0) -> None:
+    def start_housekeeping(self, interval_s: float = TIDY_EVERY_S) -> None:
         """Every ``interval_s``: retry final writes that failed, and mark replies
-        of processes that died (see Store.recover_interrupted) as interrupted."""
+        of replicas that died (see Store.recover_interrupted) as interrupted."""
 
         def tidy() -> None:
-            while not self._closed:
-                time.sleep(interval_s)
-                self.tidy(stale_after_s)
+            while True:
+                with self._lock:
+                    if self._stirred.wait_for(lambda: self._closed, interval_s):
+                        return
+                self.tidy()
 
         threading.Thread(target=tidy, name="reply-worker-housekeeping", daemon=True).start()
 
-    def tidy(self, stale_after_s: float) -> None:
+    def tidy(self) -> None:
         with self._lock:
             pending, self._unsaved_ends = self._unsaved_ends, []
         for finish in pending:
@@ -290,45 +332,95 @@ class ReplyWorker:
                 with self._lock:
                     self._unsaved_ends.append(finish)
         try:
-            self.store.recover_interrupted(stale_after_s)
+            self.store.recover_interrupted(self.stale_after_s, owner=self.owner)
         except Exception:
             log.exception("could not check for interrupted replies")
 
+    # The pulse thread ----------------------------------------------------------
+
+    def _pulse(self) -> None:
+        """Beat every beat_every_s; while replies are written, end those asked to stop.
+
+        With no reply being written it only beats, waiting in between for a
+        reply to start. It retires once shutdown has ended every reply.
+        """
+        next_beat = time.monotonic() + self.beat_every_s
+        while True:
+            if time.monotonic() >= next_beat:
+                self._beat()
+                next_beat = time.monotonic() + self.beat_every_s
+            with self._lock:
+                if self._closed and not self._active:
+                    break
+                self._stirred.wait_for(lambda: self._active or self._closed, max(0.0, next_beat - time.monotonic()))
+                writing = list(self._active)
+            if writing:
+                self._end_stopped(writing, until=next_beat)
+        try:
+            self.store.retire(self.owner)
+        except Exception:
+            log.warning("could not remove replica %s from the database", self.owner, exc_info=True)
+
+    def _end_stopped(self, message_ids: list[int], until: float) -> None:
+        """Stop those of ``message_ids`` someone asked to stop, then wait for the database to change.
+
+        A request made through any replica changes the database, which wakes
+        the wait: at once on PostgreSQL (LISTEN/NOTIFY), within WATCH_S on
+        SQLite; STOP_WAIT_S bounds it should a notification be lost, and so
+        does ``until`` (time.monotonic()), the next heartbeat.
+        """
+        seen = self.store.changes()
+        checked_at = time.monotonic()
+        try:
+            stopped = self.store.stop_requested(message_ids)
+        except Exception:
+            log.warning("could not check for requests to stop replies", exc_info=True)
+            stopped = set()
+        for message_id in stopped:
+            self._stop_here(message_id)
+        self.store.wait_for_change(seen, max(0.0, min(STOP_WAIT_S, until - time.monotonic())))
+        time.sleep(max(0.0, min(STOP_GAP_S - (time.monotonic() - checked_at), until - time.monotonic())))
+
+    def _stop_here(self, message_id: int) -> bool:
+        """Stop the reply as its Stop button does, if this replica writes it; False if not."""
+        with self._lock:
+            held = self._active.get(message_id)
+        if held is None:
+            return False
+        held[0].cancel("stopped")
+        return True
+
+    def _beat(self) -> None:
+        try:
+            self.store.beat(self.owner)
+        except Exception:
+            log.warning("replica %s could not beat; trying again in %g s", self.owner, self.beat_every_s, exc_info=True)
+
     # Limits ------------------------------------------------------------------
 
-    def _reserve(self, asker: str) -> float:
-        """Take a reply slot and a rate-limit token, or raise ReplyRefused."""
-        now = self._clock()
+    @contextlib.contextmanager
+    def _slot(self) -> Iterator[None]:
+        """Hold a reply slot while the reply is stored, or raise Busy.
+
+        This process's own count is a first check; the store's, over every
+        replica, decides (see _refusals). _launch takes the slot over; a
+        failure gives it back.
+        """
         with self._lock:
             if self._closed:
                 raise Busy("The server is restarting; please ask again in a moment.")
-            asked = self._asked.setdefault(asker, deque())
-            while asked and now - asked[0] >= 60:
-                asked.popleft()
-            if len(asked) >= self.replies_per_minute:
-                wait = 60 - (now - asked[0])
-                raise SlowDown(
-                    f"You can ask the assistant {self.replies_per_minute} times a minute; "
-                    f"please wait {max(1, round(wait))} s."
-                )
             if len(self._active) + self._starting >= self.max_concurrent:
-                raise Busy(
-                    f"The assistant is already writing {self.max_concurrent} replies; "
-                    "please ask again when one has finished."
-                )
-            asked.append(now)
+                raise Busy(_busy_note(self.max_concurrent))
             self._starting += 1
-            return now
-
-    def _release(self, asker: str, stamp: float) -> None:
-        """Give back what _reserve took, for a reply that did not start."""
-        with self._lock:
-            self._starting -= 1
-            with contextlib.suppress(ValueError):
-                self._asked[asker].remove(stamp)
+        try:
+            yield
+        except BaseException:
+            with self._lock:
+                self._starting -= 1
+            raise
 
     def _launch(self, message: Message, asker: str) -> LiveReply:
-        """Start the thread for a stored, empty reply, in the slot _reserve took.
+        """Start the thread for a stored, empty reply, in the slot _slot took.
 
         From here on the reply always ends in a final status: if the thread
         cannot start, it is ended here.
@@ -346,6 +438,7 @@ class ReplyWorker:
         with self._lock:
             self._starting -= 1
             self._active[message.id] = (reply, thread)
+            self._stirred.notify_all()
         try:
             thread.start()
         except BaseException:
@@ -448,6 +541,7 @@ class ReplyWorker:
             status, note = "error", SAVE_FAILED_NOTE
         with self._lock:
             self._active.pop(reply.message_id, None)
+            self._stirred.notify_all()
             self._finished[reply.message_id] = reply
             while len(self._finished) > KEEP_FINISHED:
                 self._finished.popitem(last=False)
@@ -467,6 +561,23 @@ class ReplyWorker:
                     raise
                 log.warning("reply %s: database busy or unreachable, retrying", reply.message_id)
                 time.sleep(min(0.2 * (attempt + 1), 2.0))
+
+
+def _busy_note(limit: int) -> str:
+    return f"The assistant is already writing {limit} replies; please ask again when one has finished."
+
+
+@contextlib.contextmanager
+def _refusals() -> Iterator[None]:
+    """The store's refusals of a new reply, as messages for people."""
+    try:
+        yield
+    except TooManyReplies as error:
+        raise Busy(_busy_note(error.limit)) from None
+    except AskingTooFast as error:
+        raise SlowDown(
+            f"You can ask the assistant {error.limit} times a minute; please wait {max(1, round(error.wait_s))} s."
+        ) from None
 
 
 def _interrupt(stream) -> None:

@@ -60,6 +60,17 @@ def store(request, engine, db_path):
 
 
 @pytest.fixture
+def other_store(store, db_path):
+    """A second store on the same database, as another replica (process or host) opens it."""
+    from store import open_store
+
+    other = open_store(getattr(store, "url", db_path))
+    yield other
+    if hasattr(other, "close"):
+        other.close()
+
+
+@pytest.fixture
 def server():
     with FakeOpenAI() as fake:
         yield fake

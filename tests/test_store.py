@@ -11,10 +11,15 @@ import pytest
 from postgres import query
 
 from store import (
+    INTERRUPTED_NOTE,
     MAX_MESSAGE_CHARS,
+    AskingTooFast,
     InvalidInput,
+    PID_SPACE,
     NotStreaming,
+    ReplyLimits,
     Store,
+    TooManyReplies,
     open_store,
 )
 
@@ -26,11 +31,15 @@ def test_migrations_run_once_and_can_repeat(store, db_path):
     open_store(location)  # a second process starts on the same database
     open_store(location)
     names = [name for (name,) in query(store, "SELECT name FROM _migrations ORDER BY name")]
-    assert names == ["m001_initial", "m002_reply_owner", "m003_usage"]
+    assert names == [
+        "m001_initial", "m002_reply_owner", "m003_usage", "m004_replicas", "m005_reply_asker", "m006_stop_requests",
+    ]
+    assert query(store, "SELECT owner, beat_at, pid_space, pid FROM replicas") == []
     message = store.add_message("general", "Ada", "hi")
     assert [tuple(query(store, f"SELECT {column} FROM messages"))[0] for column in (
         "room", "author", "role", "status", "error", "owner", "prompt_tokens", "completion_tokens", "reasoning_tokens",
-    )] == [("general",), ("Ada",), ("user",), ("complete",), (None,), (None,), (None,), (None,), (None,)]
+        "asker", "stop_requested_at",
+    )] == [("general",), ("Ada",), ("user",), ("complete",)] + [(None,)] * 7
     assert query(store, "SELECT message_id, seq, text FROM chunks") == [(message.id, 0, "hi")]
 
 
@@ -124,12 +133,177 @@ def test_recovery_leaves_other_live_processes_replies_alone_until_stale(store):
     assert {store.get(m.id).status for m in (elsewhere, alive_here)} == {"interrupted"}
 
 
+def test_a_reply_whose_owner_beats_is_left_alone_however_old_and_one_whose_owner_stopped_is_not(store, other_store):
+    store.beat("replica-a")
+    thinking = store.start_reply("general", owner="replica-a")
+    store.append_chunk(thinking.id, "Let me think. ")
+    store.beat("replica-c")
+    orphan = store.start_reply("general", owner="replica-c")
+    store.append_chunk(orphan.id, "Half a reply")
+    query(store, "UPDATE messages SET created_at = created_at - 10800, updated_at = updated_at - 10800 WHERE id = ?",
+          [thinking.id])  # silent for three hours, but its replica beats
+    query(store, "UPDATE replicas SET beat_at = beat_at - 60 WHERE owner = 'replica-c'")  # its replica is gone
+    before = store.version("general")
+
+    assert other_store.recover_interrupted(stale_after_s=30, owner="replica-b") == 1
+    assert store.get(thinking.id).status == "streaming"
+    interrupted = store.get(orphan.id)
+    assert (interrupted.status, interrupted.text, interrupted.error) == ("interrupted", "Half a reply", INTERRUPTED_NOTE)
+    assert store.version("general") > before
+
+    query(store, "UPDATE replicas SET beat_at = beat_at - 31 WHERE owner = 'replica-a'")  # now replica-a stops too
+    assert other_store.recover_interrupted(stale_after_s=30, owner="replica-b") == 1
+    assert (store.get(thinking.id).status, store.get(thinking.id).text) == ("interrupted", "Let me think. ")
+
+
+@pytest.mark.skipif(PID_SPACE is None, reason="pids are told apart through /proc (Linux)")
+def test_a_beating_owner_is_gone_before_its_heartbeat_is_stale_only_if_its_pid_exited_in_this_pid_space(
+    store, other_store, dead_owner
+):
+    for owner in ("here", "other-container", "no-proc"):
+        store.beat(owner)
+        store.start_reply("general", owner=owner)
+    query(store, "UPDATE replicas SET pid = ?", [int(dead_owner.split(":")[1])])  # a pid that has exited here
+    query(store, "UPDATE replicas SET pid_space = 'another boot or pid namespace' WHERE owner = 'other-container'")
+    query(store, "UPDATE replicas SET pid_space = NULL WHERE owner = 'no-proc'")
+    assert other_store.recover_interrupted(stale_after_s=30, owner="replica-b") == 1
+    assert {m.owner: m.status for m in store.recent("general")} == {
+        "here": "interrupted", "other-container": "streaming", "no-proc": "streaming",
+    }
+
+
+def test_a_replica_never_interrupts_its_own_replies(store):
+    store.beat("replica-a")
+    mine = store.start_reply("general", owner="replica-a")
+    query(store, "UPDATE replicas SET beat_at = beat_at - 60")
+    assert store.recover_interrupted(stale_after_s=30, owner="replica-a") == 0
+    assert store.recover_interrupted(stale_after_s=30, owner="replica-b") == 1
+    assert store.get(mine.id).status == "interrupted"
+
+
+def test_a_reply_whose_owner_never_beat_is_judged_by_its_last_change(store):
+    from_before_heartbeats = store.start_reply("general", owner="old-host:1:abc")
+    nobody = store.start_reply("general")
+    query(store, "UPDATE messages SET owner = NULL WHERE id = ?", [nobody.id])
+    assert store.recover_interrupted(stale_after_s=30) == 0
+    query(store, "UPDATE messages SET updated_at = updated_at - 31")
+    assert store.recover_interrupted(stale_after_s=30) == 2
+    assert {store.get(m.id).status for m in (from_before_heartbeats, nobody)} == {"interrupted"}
+
+
+def test_a_heartbeat_is_kept_per_owner_and_removed_on_retiring(store):
+    store.beat("replica-a")
+    store.beat("replica-b")
+    [(first,)] = query(store, "SELECT beat_at FROM replicas WHERE owner = 'replica-a'")
+    assert abs(first - time.time()) < 5  # epoch seconds
+    time.sleep(0.05)
+    store.beat("replica-a")
+    [(second,)] = query(store, "SELECT beat_at FROM replicas WHERE owner = 'replica-a'")
+    assert second > first
+    store.retire("replica-a")
+    assert query(store, "SELECT owner FROM replicas") == [("replica-b",)]
+
+
 def test_question_and_reply_are_stored_together(store):
     question, reply = store.add_question("general", "Ada", "@gpt hi")
     assert (reply.reply_to, reply.status, reply.role) == (question.id, "streaming", "assistant")
     with pytest.raises(InvalidInput):
         store.add_question("general", "Ada", " ")
     assert len(store.recent("general")) == 2
+
+
+def test_a_stop_request_flags_a_streaming_reply_for_its_writer_and_leaves_a_final_one_alone(store, other_store):
+    writing = store.start_reply("general")
+    store.append_chunk(writing.id, "So far. ")
+    done = store.start_reply("general")
+    store.finish_reply(done.id, "complete", last_chunk="Done.")
+    assert store.stop_requested([writing.id, done.id]) == set() == store.stop_requested([])
+    before = store.version("general")
+
+    assert other_store.request_stop(writing.id) is True
+    assert store.version("general") > before  # pages notice
+    assert store.stop_requested([writing.id, done.id]) == {writing.id}
+    assert (store.get(writing.id).status, store.get(writing.id).text) == ("streaming", "So far. ")  # its writer ends it
+    after = store.version("general")
+    assert other_store.request_stop(done.id) is False
+    assert store.version("general") == after
+    assert store.get(done.id).stop_requested_at is None
+
+    store.finish_reply(writing.id, "stopped")
+    assert store.stop_requested([writing.id]) == set()
+    assert other_store.request_stop(writing.id) is False
+
+
+def count_messages(store) -> int:
+    [(count,)] = query(store, "SELECT COUNT(*) FROM messages")
+    return count
+
+
+def test_a_reply_is_stored_only_while_fewer_than_the_limit_are_written_by_all_replicas(store, other_store):
+    limits = ReplyLimits(max_concurrent=2, replies_per_minute=10)
+    store.beat("replica-a")
+    other_store.beat("replica-b")
+    _, first = store.add_question("general", "Ada", "@gpt one", owner="replica-a", asker="tab-ada", limits=limits)
+    other_store.start_reply("general", owner="replica-b", asker="tab-bob", limits=limits)
+    before = count_messages(store)
+    with pytest.raises(TooManyReplies) as refused:
+        store.add_question("general", "Cy", "@gpt three", owner="replica-a", asker="tab-cy", limits=limits)
+    assert refused.value.limit == 2
+    with pytest.raises(TooManyReplies):
+        other_store.start_reply("general", owner="replica-b", asker="tab-cy", limits=limits)
+    assert count_messages(store) == before  # neither the question nor a reply
+
+    store.finish_reply(first.id, "complete")  # one fewer being written
+    _, third = other_store.add_question("general", "Cy", "@gpt three", owner="replica-b", asker="tab-cy", limits=limits)
+    assert (third.status, third.owner, third.asker) == ("streaming", "replica-b", "tab-cy")
+    with pytest.raises(TooManyReplies):
+        store.start_reply("general", owner="replica-a", asker="tab-dan", limits=limits)
+
+    query(store, "UPDATE replicas SET beat_at = beat_at - 31 WHERE owner = 'replica-b'")  # replica-b is gone
+    assert store.start_reply("general", owner="replica-a", asker="tab-dan", limits=limits).status == "streaming"
+
+
+def test_an_asker_may_start_so_many_replies_a_minute_through_any_replica(store, other_store):
+    limits = ReplyLimits(max_concurrent=10, replies_per_minute=2)
+    first = store.start_reply("general", owner="replica-a", asker="tab-ada", limits=limits)
+    store.finish_reply(first.id, "complete")  # finished replies count too: they were started
+    other_store.start_reply("general", owner="replica-b", asker="tab-ada", limits=limits)
+    before = count_messages(store)
+    with pytest.raises(AskingTooFast) as refused:
+        store.add_question("general", "Ada", "@gpt again", owner="replica-a", asker="tab-ada", limits=limits)
+    assert refused.value.limit == 2 and 55 < refused.value.wait_s <= 60
+    assert count_messages(store) == before
+    store.start_reply("general", owner="replica-a", asker="tab-bob", limits=limits)  # others are not held up
+
+    query(store, "UPDATE messages SET created_at = created_at - 45 WHERE asker = 'tab-ada'")
+    with pytest.raises(AskingTooFast) as refused:
+        other_store.start_reply("general", owner="replica-b", asker="tab-ada", limits=limits)
+    assert 10 < refused.value.wait_s <= 15
+    query(store, "UPDATE messages SET created_at = created_at - 16 WHERE asker = 'tab-ada'")
+    assert other_store.start_reply("general", owner="replica-b", asker="tab-ada", limits=limits).asker == "tab-ada"
+
+
+def test_replies_asked_for_at_once_through_two_replicas_never_exceed_the_limit(store, other_store):
+    limits = ReplyLimits(max_concurrent=3, replies_per_minute=100)
+    outcomes = []
+    start = threading.Barrier(8)
+
+    def ask(replica, i):
+        start.wait()
+        try:
+            replica.add_question("general", "Ada", f"@gpt {i}", owner=f"replica-{i % 2}", asker=f"tab-{i}", limits=limits)
+            outcomes.append("stored")
+        except TooManyReplies:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=ask, args=(other_store if i % 2 else store, i)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["refused"] * 5 + ["stored"] * 3
+    assert query(store, "SELECT COUNT(*) FROM messages WHERE status = 'streaming'") == [(3,)]
+    assert count_messages(store) == 6
 
 
 @pytest.mark.parametrize(

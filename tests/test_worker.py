@@ -1,5 +1,8 @@
 import sqlite3
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -7,7 +10,7 @@ from fake_openai import Reply
 from llm import DemoModel, OpenAIModel, make_client
 from settings import Settings
 from postgres import query
-from store import InvalidInput, Store, open_store
+from store import INTERRUPTED_NOTE, InvalidInput, Store, open_store
 from worker import Busy, LiveReply, ReplyWorker, SlowDown
 
 SENTENCES = [
@@ -19,14 +22,6 @@ SENTENCES = [
 PIECES = [word for sentence in SENTENCES for word in sentence.split(" ") if word]
 PIECES = [PIECES[0]] + [" " + p for p in PIECES[1:]]
 TEXT = "".join(PIECES)
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
 
 
 # The model stream's timing, faults and reasoning are tested on SQLite only;
@@ -43,7 +38,7 @@ def make_worker(store, server):
         timeouts.update((name, options.pop(name)) for name in list(timeouts) if name in options)
         settings = Settings(openai_api_key="sk-test", openai_base_url=server.base_url, **timeouts)
         model = options.pop("model", None) or OpenAIModel(make_client(settings), "test-model", **timeouts)
-        worker = ReplyWorker(store, model, system_prompt="Be brief.", **timeouts, **options)
+        worker = ReplyWorker(options.pop("store", store), model, system_prompt="Be brief.", **timeouts, **options)
         workers.append(worker)
         return worker
 
@@ -248,15 +243,15 @@ def test_concurrency_limit_refuses_clearly_and_stores_nothing(store, server, mak
     wait_done(third)
 
 
+@BOTH_ENGINES
 def test_rate_limit_per_asker(store, make_worker):
-    clock = FakeClock()
-    worker = make_worker(model=DemoModel(tokens_per_s=5000), replies_per_minute=2, clock=clock)
+    worker = make_worker(model=DemoModel(tokens_per_s=5000), replies_per_minute=2)
     for _ in range(2):
         wait_done(worker.ask("general", "session-ada"))
-    with pytest.raises(SlowDown, match="2 times a minute"):
+    with pytest.raises(SlowDown, match=r"2 times a minute; please wait (59|60) s\."):
         worker.ask("general", "session-ada")
     wait_done(worker.ask("general", "session-bob"))  # others are not affected
-    clock.now += 61
+    query(store, "UPDATE messages SET created_at = created_at - 61 WHERE asker = 'session-ada'")  # a minute later
     wait_done(worker.ask("general", "session-ada"))
 
 
@@ -333,8 +328,7 @@ def test_post_with_a_mention_stores_the_question_and_starts_the_reply(store, mak
 
 @BOTH_ENGINES
 def test_refused_posts_store_nothing(store, make_worker):
-    clock = FakeClock()
-    worker = make_worker(model=DemoModel(tokens_per_s=5000), replies_per_minute=1, clock=clock)
+    worker = make_worker(model=DemoModel(tokens_per_s=5000), replies_per_minute=1)
     wait_done(worker.post("general", "Ada", "@gpt one").reply)
     count = len(store.recent("general"))
     with pytest.raises(SlowDown):
@@ -420,9 +414,9 @@ def test_a_final_write_that_keeps_failing_is_retried_later(db_path, server):
     wait_done(reply)
     assert reply.status == "error"  # as far as anyone following it can tell
     assert store.get(reply.message_id).status == "streaming"
-    worker.tidy(stale_after_s=60)  # still locked: tries again later
+    worker.tidy()  # still locked: tries again later
     assert store.get(reply.message_id).status == "streaming"
-    worker.tidy(stale_after_s=60)
+    worker.tidy()
     stored = store.get(reply.message_id)
     assert (stored.status, stored.text) == ("complete", TEXT)
     worker.shutdown()
@@ -438,6 +432,7 @@ def test_a_post_whose_reply_cannot_be_created_stores_no_question(db_path, make_w
         worker.post("general", "Ada", "@gpt hello")
     assert worker.store.recent("general") == []
     assert worker.post("general", "Ada", "no mention, still fine").reply is None  # slot given back
+    worker.shutdown()
 
 
 # Reasoning models: thinking is progress, budgets and empty replies are explained
@@ -520,3 +515,163 @@ def test_a_chinese_reply_is_stored_at_its_sentence_ends(store, server, make_work
     assert "".join(chunks) == text
     assert len(chunks) >= 3
     assert all(chunk[-1] in "。！？" for chunk in chunks), chunks  # never a forced cut mid-sentence
+
+
+# Several replicas on one database
+
+
+def beats_of(store, owner: str) -> list[float]:
+    return [beat_at for (beat_at,) in query(store, "SELECT beat_at FROM replicas WHERE owner = ?", [owner])]
+
+
+def wait_until(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert condition()
+
+
+@BOTH_ENGINES
+def test_a_replica_beats_while_it_lives_and_leaves_at_shutdown(store, make_worker):
+    worker = make_worker(model=DemoModel(tokens_per_s=5000), owner="replica-a", beat_every_s=0.1)
+    wait_until(lambda: beats_of(store, "replica-a"))
+    [first] = beats_of(store, "replica-a")
+    wait_until(lambda: beats_of(store, "replica-a")[0] > first)
+    assert worker.shutdown(timeout=5)
+    assert beats_of(store, "replica-a") == []
+
+
+@BOTH_ENGINES
+def test_a_silent_reply_of_a_replica_that_beats_outlives_another_replicas_housekeeping(
+    store, other_store, server, make_worker
+):
+    server.enqueue(Reply(think_s=2.0, pieces=PIECES))  # silent for 2 s; the other replica allows 0.4 s
+    writer = make_worker(owner="replica-a", beat_every_s=0.05)  # also while it waits to hear of stop requests
+    tidier = make_worker(store=other_store, model=DemoModel(), owner="replica-b", stale_after_s=0.4)
+    store.beat("replica-gone")
+    gone = store.start_reply("general", owner="replica-gone")
+    query(store, "UPDATE replicas SET beat_at = beat_at - 1 WHERE owner = 'replica-gone'")
+    reply = ask(store, writer)
+    while not reply.done:
+        tidier.tidy()
+        time.sleep(0.1)
+    assert store.get(gone.id).status == "interrupted"  # the housekeeping did run
+    stored = store.get(reply.message_id)
+    assert (reply.status, stored.status, stored.text) == ("complete", "complete", TEXT)
+
+
+KILLED_REPLICA = """
+import sys, time
+from llm import DemoModel
+from store import open_store
+from worker import ReplyWorker
+worker = ReplyWorker(open_store(sys.argv[1]), DemoModel(tokens_per_s=20), "", beat_every_s=0.1)
+print(worker.post("general", "Ada", "@gpt tell me everything").reply.message_id, flush=True)
+time.sleep(60)
+"""
+
+
+@BOTH_ENGINES
+@pytest.mark.parametrize("where", ["this host", "another host"])
+def test_the_replies_of_a_killed_replica_end_interrupted_as_another_replica_sees_it(store, db_path, make_worker, where):
+    replica = subprocess.Popen(
+        [sys.executable, "-c", KILLED_REPLICA, getattr(store, "url", str(db_path))],
+        cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        message_id = int(replica.stdout.readline())
+        wait_until(lambda: store.get(message_id).text)  # a sentence is stored
+    finally:
+        replica.kill()
+        replica.wait()
+    owner, text = store.get(message_id).owner, store.get(message_id).text
+    assert store.get(message_id).status == "streaming"
+    assert query(store, "SELECT pid FROM replicas WHERE owner = ?", [owner]) == [(replica.pid,)]
+    if where == "this host":
+        assert store.recover_interrupted() == 1  # at start-up: its pid is gone from this very pid space
+    else:
+        query(store, "UPDATE replicas SET pid_space = 'another host' WHERE owner = ?", [owner])
+        assert store.recover_interrupted() == 0  # it beat within the last 30 s
+        survivor = make_worker(model=DemoModel(), owner="replica-b", stale_after_s=0.5)
+        started = time.monotonic()
+        survivor.start_housekeeping(interval_s=0.1)
+        wait_until(lambda: store.get(message_id).status != "streaming")
+        assert time.monotonic() - started < 2
+    stored = store.get(message_id)
+    assert (stored.status, stored.text, stored.error) == ("interrupted", text, INTERRUPTED_NOTE)
+
+
+@BOTH_ENGINES
+def test_the_concurrency_limit_counts_the_replies_of_every_replica(store, other_store, server, make_worker):
+    server.default = Reply(pieces=["word "] * 200, delay_s=0.02)
+    replica_a = make_worker(owner="replica-a", max_concurrent=2)
+    replica_b = make_worker(store=other_store, owner="replica-b", max_concurrent=2)
+    first = replica_a.post("general", "Ada", "@gpt one", asker="tab-ada").reply
+    second = replica_a.post("general", "Bob", "@gpt two", asker="tab-bob").reply
+    count = len(store.recent("general"))
+    with pytest.raises(Busy) as refused:
+        replica_b.post("general", "Cy", "@gpt three", asker="tab-cy")
+    assert str(refused.value) == "The assistant is already writing 2 replies; please ask again when one has finished."
+    assert len(store.recent("general")) == count  # neither the question nor a reply
+    assert replica_b.post("general", "Cy", "no mention, so no limit").reply is None
+    first.cancel()
+    wait_done(first)
+    third = replica_b.post("general", "Cy", "@gpt three", asker="tab-cy").reply  # a slot is free again
+    assert store.get(third.message_id).owner == "replica-b"
+    for reply in (second, third):
+        reply.cancel()
+        wait_done(reply)
+
+
+@BOTH_ENGINES
+def test_the_rate_limit_holds_across_replicas(store, other_store, make_worker):
+    replica_a = make_worker(model=DemoModel(tokens_per_s=5000), owner="replica-a", replies_per_minute=2)
+    replica_b = make_worker(store=other_store, model=DemoModel(tokens_per_s=5000), owner="replica-b",
+                            replies_per_minute=2)
+    wait_done(replica_a.post("general", "Ada", "@gpt one", asker="tab-ada").reply)
+    wait_done(replica_b.post("general", "Ada", "@gpt two", asker="tab-ada").reply)
+    count = len(store.recent("general"))
+    for replica in (replica_a, replica_b):
+        with pytest.raises(SlowDown, match=r"^You can ask the assistant 2 times a minute; please wait (59|60) s\.$"):
+            replica.post("general", "Ada", "@gpt three", asker="tab-ada")
+    assert len(store.recent("general")) == count
+    wait_done(replica_b.post("general", "Bob", "@gpt mine", asker="tab-bob").reply)  # another tab asks freely
+
+
+@BOTH_ENGINES
+@pytest.mark.parametrize("model_reply", [
+    Reply(pieces=["word "] * 400, delay_s=0.01),
+    Reply(pieces=["Thinking hard..."], hang=True),  # nothing to write meanwhile
+], ids=["talking", "silent"])
+def test_a_stop_requested_through_another_replica_ends_the_reply_within_a_second(
+    store, other_store, server, make_worker, model_reply
+):
+    server.enqueue(model_reply)
+    writer = make_worker(owner="replica-a")
+    reply = ask(store, writer)
+    wait_for_text(reply, 10)
+    started = time.monotonic()
+    assert other_store.request_stop(reply.message_id)
+    wait_done(reply, timeout=2)
+    assert time.monotonic() - started < 1
+    stored = store.get(reply.message_id)
+    assert (reply.status, stored.status) == ("stopped", "stopped")
+    assert stored.text == reply.text() and len(stored.text) >= 10
+    if not model_reply.hang:  # a hanging server notices the close only when it writes again
+        assert server.sent[0].done.wait(5) and server.sent[0].aborted  # the model stream was closed
+
+
+@BOTH_ENGINES
+def test_stop_through_either_replica_keeps_the_text(store, other_store, server, make_worker):
+    server.default = Reply(pieces=["word "] * 400, delay_s=0.01)
+    replica_a = make_worker(owner="replica-a")
+    replica_b = make_worker(store=other_store, owner="replica-b")
+    here, there = ask(store, replica_a), ask(store, replica_a, asker="Bob")
+    wait_for_text(here, 10)
+    wait_for_text(there, 10)
+    assert replica_a.stop(here.message_id)  # the replica writing it: at once
+    assert replica_b.stop(there.message_id)  # another replica: through the store
+    for reply in (here, there):
+        wait_done(reply, timeout=2)
+        assert (store.get(reply.message_id).status, store.get(reply.message_id).text) == ("stopped", reply.text())
+    assert not replica_b.stop(there.message_id)  # over already
