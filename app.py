@@ -37,7 +37,7 @@ import re
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import streamlit as st
 from streamlit_autorefresh import st_autorefresh
@@ -175,9 +175,14 @@ def identify() -> tuple[str, str, str, list[str]]:
 
 
 def my_live_reply(worker: ReplyWorker, room: str, tab: str) -> LiveReply | None:
-    """The newest reply this tab asked for that is still being written, if any."""
+    """The newest reply this tab asked for that this process is writing, if any."""
     mine = [r for r in worker.active() if r.room == room and r.asker == tab]
     return max(mine, key=lambda r: r.message_id, default=None)
+
+
+def writing_for(messages: Iterable[Message], tab: str) -> int | None:
+    """The newest of ``messages`` being written for this tab, by any replica."""
+    return max((m.id for m in messages if m.status == "streaming" and m.asker == tab), default=None)
 
 
 # Actions (widget callbacks, run before the script) ---------------------------------
@@ -413,6 +418,7 @@ def live_area(
             changed_at = time.monotonic()
         else:
             tail.tick(mine)
+        tail.mark_mine(mine.message_id if mine else writing_for(tail.messages.values(), tab))
         if tail.worth_folding(quiet_s=time.monotonic() - changed_at):
             st.rerun()  # a full run draws them as settled history, with any Retry buttons
         stats.show(worker.latest(room))
@@ -480,13 +486,21 @@ class Tail:
             if mine is not None and message.id == mine.message_id:
                 continue  # drawn from memory by follow()
             self.bubbles[message.id].show(message)
-            if message.id == self.mine_id:
-                self.mine_id = None
-                self.flag.empty()
 
     def tick(self, mine: LiveReply | None) -> None:
         """Move the thinking clocks on: replies with no words yet show how long they have been thinking."""
         self.update([m for m in self.messages.values() if m.status == "streaming" and not m.text], mine)
+
+    def mark_mine(self, message_id: int | None) -> None:
+        """Say which reply being written is this tab's own (the page's CSS shows Stop for it), or none."""
+        if message_id == self.mine_id:
+            return
+        self.mine_id = message_id
+        if message_id is None:
+            self.flag.empty()
+        else:
+            with self.flag.container(key=f"my-reply-{message_id}"):
+                st.html("<span></span>")  # an empty container would not be on the page
 
     def worth_folding(self, quiet_s: float) -> bool:
         """Whether the settled messages at the start of the tail should join the page's history.
@@ -507,10 +521,6 @@ class Tail:
         if bubble is None:  # not in this page's tail (never expected)
             reply.wait(len(reply.text()), timeout=WAIT_S)
             return
-        if self.mine_id != reply.message_id:
-            self.mine_id = reply.message_id
-            with self.flag.container(key=f"my-reply-{reply.message_id}"):
-                st.html("<span></span>")  # an empty container would not be on the page
         text, done = reply.wait(len(bubble.text), timeout=WAIT_S)
         if done:
             return  # once it has ended, the store has it, final, for update() to draw
@@ -647,9 +657,11 @@ class BlockView:
 
 
 def stop(worker: ReplyWorker, room: str, tab: str) -> None:
-    """Stop button callback: stop this tab's newest live reply, if it is still running."""
+    """Stop button callback: stop this tab's newest reply being written, here or on another replica."""
     if (mine := my_live_reply(worker, room, tab)) is not None:
         worker.stop(mine.message_id)
+    elif (message_id := writing_for(worker.store.recent(room, LIVE_MESSAGES), tab)) is not None:
+        worker.stop(message_id)  # through the database, to the replica that writes it
 
 
 def main() -> None:
