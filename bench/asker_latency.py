@@ -82,7 +82,7 @@ def bare_client(server: FakeOpenAI, rate: float, n: int) -> dict:
 def one_reply(browser, app: App, server: FakeOpenAI, rate: float, n: int, path: str, size: int) -> dict:
     room = f"r{rate}x{time.monotonic_ns()}"  # a new room each time
     if app.script.name == "app.py" and size:
-        seed(Path(app.env["CHAT_DB_PATH"]), room, size)
+        seed(app.env.get("DATABASE_URL") or Path(app.env["CHAT_DB_PATH"]), room, size)
     page = browser.new_context(viewport={"width": 1100, "height": 800}).new_page()
     page.goto(app.url + path.format(room=room))
     page.wait_for_selector("[data-testid=stChatInput] textarea", timeout=30_000)

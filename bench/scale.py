@@ -15,14 +15,22 @@ CPU as a share of one core, how busy the whole machine was, the load
 generator's own CPU (sessions, model server, browser driver), and the time
 the replies took against the model's time.
 
+With --replicas: sessions spread over 1 and then 2 processes of the app on one
+database, SQLite and then PostgreSQL, climbing from 5 viewers (with 5 replies)
+until the askers' p95 passes 150 ms or the viewers' following p95 1.3 s.
+
     python bench/scale.py [--viewers 5 10 20] [--replies 1 3 5] [--beyond 40 80]
+    python bench/scale.py --replicas [--engines sqlite postgresql]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import os
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -88,32 +96,37 @@ def session(app: App, clock: TickClock, name: str) -> WireSession:
     return WireSession(app.url, f"room={ROOM}&name={name}&tab={uuid.uuid4().hex[:16]}", clock)
 
 
-def run(browser, server: FakeOpenAI, viewers: int, replies: int, db: Path, fast_asker: bool = False) -> dict:
-    """One combination; with ``fast_asker`` the last reply is asked from Chromium in a room
-    of its own and streamed at 2,000 tokens/s, measured as in bench/asker_latency.py."""
+def run(browser, server: FakeOpenAI, viewers: int, replies: int, database: Path | str, fast_asker: bool = False,
+        replicas: int = 1) -> dict:
+    """One combination, on an SQLite file or a PostgreSQL URL, with sessions spread over
+    ``replicas`` processes of the app (as a balancer with affinity spreads them). With
+    ``fast_asker`` the last reply is asked from Chromium in a room of its own and streamed
+    at 2,000 tokens/s, measured as in bench/asker_latency.py."""
     server.default = Reply(tagged=TOKENS, delay_s=1 / RATE)
     sent_before = len(server.sent)
-    env = {"OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": "x", "CHAT_DB_PATH": str(db),
-           "CHAT_MAX_CONCURRENT": str(replies), "CHAT_REPLIES_PER_MINUTE": "1000"}
-    with App(ROOT / "app.py", env) as app:
+    env = {"OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": "x",
+           "CHAT_MAX_CONCURRENT": str(replies), "CHAT_REPLIES_PER_MINUTE": "1000",
+           **({"DATABASE_URL": database} if isinstance(database, str) else {"CHAT_DB_PATH": str(database)})}
+    with contextlib.ExitStack() as stack:
+        apps = [stack.enter_context(App(ROOT / "app.py", env)) for _ in range(replicas)]
         clock = TickClock()
-        watchers = [session(app, clock, f"V{i}") for i in range(viewers)]
-        askers = [session(app, clock, f"A{k}") for k in range(replies - fast_asker)]
+        watchers = [session(apps[i % replicas], clock, f"V{i}") for i in range(viewers)]
+        askers = [session(apps[k % replicas], clock, f"A{k}") for k in range(replies - fast_asker)]
         for s in watchers + askers:
             s.wait_ready()
         page = browser.new_context(viewport={"width": 1000, "height": 700}).new_page()
-        page.goto(f"{app.url}/?room={ROOM}&name=Chromium", wait_until="commit")
+        page.goto(f"{apps[-1].url}/?room={ROOM}&name=Chromium", wait_until="commit")
         page.wait_for_selector("[data-testid=stChatInput] textarea", timeout=120_000)
         page.evaluate(OBSERVE)
         time.sleep(2)
         me = os.getpid()
-        cpu0, own0, started, machine0 = app.cpu(), cpu_seconds(me), time.monotonic(), machine_busy()
+        cpu0, own0, started, machine0 = sum(a.cpu() for a in apps), cpu_seconds(me), time.monotonic(), machine_busy()
         for k, asker in enumerate(askers):
             asker.chat(f"@gpt r{k}")
         fast = None
         if fast_asker:
             time.sleep(0.5)  # while the others stream
-            fast = asker_latency.one_reply(browser, app, server, 2_000, 2_000, "/?room={room}&name=Fast", 100)
+            fast = asker_latency.one_reply(browser, apps[0], server, 2_000, 2_000, "/?room={room}&name=Fast", 100)
         deadline = time.monotonic() + TOKENS / RATE * 4 + 30
         while time.monotonic() < deadline:
             done = [s for s in server.sent[sent_before:] if s.done.is_set()]
@@ -121,7 +134,7 @@ def run(browser, server: FakeOpenAI, viewers: int, replies: int, db: Path, fast_
                 break
             time.sleep(0.2)
         took = time.monotonic() - started
-        cpu = (app.cpu() - cpu0) / took * 100
+        cpu = (sum(a.cpu() for a in apps) - cpu0) / took * 100
         own = (cpu_seconds(me) - own0) / took * 100
         machine1 = machine_busy()
         machine = (machine1[0] - machine0[0]) / (machine1[1] - machine0[1]) * 100
@@ -143,7 +156,7 @@ def run(browser, server: FakeOpenAI, viewers: int, replies: int, db: Path, fast_
         for s in watchers + askers:
             s.close()
         clock.stop()
-    return {"viewers": viewers, "replies": replies, "asker_p95": percentile(asker_lags, 0.95),
+    return {"replicas": replicas, "viewers": viewers, "replies": replies, "asker_p95": percentile(asker_lags, 0.95),
             "viewer_p50": statistics.median(viewer_lags) if viewer_lags else float("nan"),
             "viewer_p95": percentile(viewer_lags, 0.95), "steady_p95": percentile(steady_lags, 0.95),
             "screen_p95": percentile(screen_lags, 0.95),
@@ -181,17 +194,85 @@ def print_fast(row: dict) -> None:
           f"viewers meanwhile: following p95 {row['steady_p95']:.0f} ms")
 
 
+HOLD_ASKER_P95_MS = 150  # what "holds" means: the askers' p95 ...
+HOLD_FOLLOWING_P95_MS = 1_300  # ... and the viewers' following p95, within these
+LADDER = (5, 10, 15, 20, 30, 40, 60, 80)  # viewers, each step with 5 replies
+
+
+def holds(row: dict) -> bool:
+    return row["asker_p95"] <= HOLD_ASKER_P95_MS and row["steady_p95"] <= HOLD_FOLLOWING_P95_MS
+
+
+def capacity(browser, server: FakeOpenAI, database, replicas: int, replies: int = 5,
+             ladder=LADDER) -> tuple[int, dict | None]:
+    """The most viewers that hold with ``replies`` replies, climbing the ladder until a step
+    does not; and the first step that did not. ``database()`` gives a new, seeded database."""
+    held, broke = 0, None
+    for viewers in ladder:
+        row = run(browser, server, viewers, replies, database(), replicas=replicas)
+        print_row(row)
+        if not holds(row):
+            broke = row
+            break
+        held = viewers
+    return held, broke
+
+
+def measure_replicas(engines=("sqlite", "postgresql"), replica_counts=(1, 2), ladder=LADDER) -> list[dict]:
+    """How many viewers (with 5 replies) 1 and 2 replicas hold, on each engine."""
+    from playwright.sync_api import sync_playwright
+
+    sys.path.insert(0, str(ROOT))
+    from deploy.local_postgres import LocalPostgres
+    from common import free_port
+
+    results = []
+    with FakeOpenAI() as server, tempfile.TemporaryDirectory() as tmp, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        postgres = LocalPostgres(Path(tmp) / "postgres", free_port()).start() if "postgresql" in engines else None
+        databases = itertools.count()
+        try:
+            for engine in engines:
+                for replicas in replica_counts:
+                    def database(engine=engine):
+                        n = next(databases)
+                        where = postgres.create_database(f"scale{n}") if engine == "postgresql" else Path(tmp) / f"{n}.db"
+                        seed(where)
+                        return where
+                    print(f"-- {engine}, {replicas} replica{'s' * (replicas > 1)}", flush=True)
+                    held, broke = capacity(browser, server, database, replicas, ladder=ladder)
+                    results.append({"engine": engine, "replicas": replicas, "held": held, "broke": broke})
+        finally:
+            if postgres is not None:
+                postgres.stop()
+            browser.close()
+    return results
+
+
+def print_capacity(results: list[dict]) -> None:
+    print(f"\nViewers held with 5 replies streaming (asker p95 within {HOLD_ASKER_P95_MS} ms, "
+          f"viewers' following p95 within {HOLD_FOLLOWING_P95_MS / 1000:g} s):")
+    print(f"{'engine':<10} {'replicas':>8} {'holds':>5} {'vs 1 replica':>12}  first step that did not hold")
+    for r in results:
+        one = next(x["held"] for x in results if x["engine"] == r["engine"] and x["replicas"] == 1)
+        ratio = f"{r['held'] / one:.1f}x" if one else "-"
+        b = r["broke"]
+        why = (f"{b['viewers']} viewers: asker p95 {b['asker_p95']:.0f} ms, following p95 {b['steady_p95']:.0f} ms, "
+               f"server CPU {b['cpu']:.0f}%, machine {b['machine']:.0f}%") if b else "none (top of the ladder)"
+        print(f"{r['engine']:<10} {r['replicas']:>8} {r['held']:>5} {ratio:>12}  {why}")
+
+
 def print_header() -> None:
     print(f"{RATE} tokens/s, {TOKENS} tokens per reply, 100 messages in the room; ms unless said.")
     print("asker / viewer: arrival in the session; following: once the viewer has seen the reply;")
     print("on screen: the Chromium viewer; load: the sessions, model server and browser driver")
-    print(f"{'viewers':>7} {'replies':>7} {'asker p95':>9} {'viewer p50':>10} {'viewer p95':>10} {'following p95':>13} "
+    print(f"{'replicas':>8} {'viewers':>7} {'replies':>7} {'asker p95':>9} {'viewer p50':>10} {'viewer p95':>10} {'following p95':>13} "
           f"{'on screen p95':>13} "
           f"{'server CPU %':>12} {'machine busy %':>14} {'load CPU %':>10} {'replies took s':>14}")
 
 
 def print_row(r: dict) -> None:
-    print(f"{r['viewers']:>7} {r['replies']:>7} {r['asker_p95']:>9.0f} {r['viewer_p50']:>10.0f} "
+    print(f"{r['replicas']:>8} {r['viewers']:>7} {r['replies']:>7} {r['asker_p95']:>9.0f} {r['viewer_p50']:>10.0f} "
           f"{r['viewer_p95']:>10.0f} {r['steady_p95']:>13.0f} {r['screen_p95']:>13.0f} {r['cpu']:>12.0f} {r['machine']:>14.0f} "
           f"{r['load']:>10.0f} {r['took']:>8.1f} / {r['model_s']:.0f}", flush=True)
 
@@ -201,9 +282,15 @@ def main() -> None:
     parser.add_argument("--viewers", type=int, nargs="*", default=[5, 10, 20])
     parser.add_argument("--replies", type=int, nargs="*", default=[1, 3, 5])
     parser.add_argument("--beyond", type=int, nargs="*", default=[40, 80], help="viewers, with the most replies")
+    parser.add_argument("--replicas", action="store_true",
+                        help="instead: how many viewers 1 and 2 replicas hold, on SQLite and on PostgreSQL")
+    parser.add_argument("--engines", nargs="*", default=["sqlite", "postgresql"])
     args = parser.parse_args()
     print_header()
-    measure(args.viewers, args.replies, args.beyond)
+    if args.replicas:
+        print_capacity(measure_replicas(tuple(args.engines)))
+    else:
+        measure(args.viewers, args.replies, args.beyond)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from common import CHROMIUM, CHROMIUM_ARGS, ROOT, App
 
-from store import Store  # noqa: E402
+from store import Store, open_store  # noqa: E402
 
 SETTINGS = {
     "Streamlit defaults": ["--runner.postScriptGC", "true", "--server.enableWebsocketCompression", "false"],
@@ -48,13 +48,15 @@ OBSERVE = """() => {
 }"""
 
 
-def seed(db_path: Path, room: str = ROOM, messages: int = 100) -> None:
-    """``messages`` settled messages in ``room``: questions and replies, taking turns."""
-    store = Store(db_path)
+def seed(database: Path | str, room: str = ROOM, messages: int = 100) -> None:
+    """``messages`` settled messages in ``room`` (an SQLite file or a PostgreSQL URL): questions and replies."""
+    store = open_store(database)
     for i in range(messages // 2):
         store.add_message(room, "Ada", f"Message {i}: a few words about nothing in particular, to fill the room.")
         reply = store.start_reply(room)
         store.finish_reply(reply.id, "complete", last_chunk=f"Reply {i}. " + "Some sentence of an answer. " * 6)
+    if hasattr(store, "close"):
+        store.close()
 
 
 def write_sentences(db_path: Path, stop: threading.Event, stored: dict) -> None:

@@ -1,4 +1,4 @@
-"""Two replicas of the app behind HAProxy, on one PostgreSQL database, in Chromium.
+"""Two replicas of the app behind HAProxy, on one PostgreSQL database (or one SQLite file), in Chromium.
 
 The balancer is configured as deploy/scale_out.py configures it. Each person's
 browser carries the balancer's affinity cookie for a chosen replica, as it
@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -30,7 +31,7 @@ from live import (
     send,
     wait_until,
 )
-from store_pg import PgStore
+from store import open_store
 
 require_chromium()
 if shutil.which("haproxy") is None:
@@ -44,18 +45,17 @@ SENTENCES = [f"Sentence number {i} comes from one replica and is read on another
 class Cluster:
     """Replicas r1, r2, ... of the app on one database, and HAProxy in front of them."""
 
-    def __init__(self, folder, database_url: str, env: dict[str, str], count: int = 2):
-        self.database_url = database_url
-        self.replicas = [
-            StreamlitApp(folder / f"r{i}", {**env, "DATABASE_URL": database_url}) for i in range(1, count + 1)
-        ]
+    def __init__(self, folder, database: str | Path, env: dict[str, str], count: int = 2):
+        self.database = database
+        where = {"DATABASE_URL": database} if isinstance(database, str) else {"CHAT_DB_PATH": str(database)}
+        self.replicas = [StreamlitApp(folder / f"r{i}", {**env, **where}) for i in range(1, count + 1)]
         for replica in self.replicas:
             replica.folder.mkdir()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = folder / "haproxy.cfg"
         self.balancer: subprocess.Popen | None = None
-        self.store: PgStore | None = None
+        self.store = None
 
     def start(self) -> "Cluster":
         threads = [threading.Thread(target=replica.start) for replica in self.replicas]
@@ -68,7 +68,7 @@ class Cluster:
         self.balancer = subprocess.Popen(["haproxy", "-db", "-f", str(self.config)],
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(lambda: _answers(f"{self.url}/_stcore/health"), timeout=20)
-        self.store = PgStore(self.database_url)
+        self.store = open_store(self.database)
         return self
 
     def page(self, browser, replica: int, room: str, name: str, tab: str | None = None, wait: bool = True):
@@ -90,7 +90,7 @@ class Cluster:
         return int(self.replies(room)[-1].owner.split(":")[1])
 
     def stop(self) -> None:
-        if self.store is not None:
+        if hasattr(self.store, "close"):
             self.store.close()
         if self.balancer is not None:
             self.balancer.terminate()
@@ -107,10 +107,15 @@ def _answers(url: str) -> bool:
 
 
 @pytest.fixture
-def cluster(request, postgres, fake, tmp_path):
+def cluster(request, fake, tmp_path):
+    """Two replicas on a new PostgreSQL database, or (``engine`` "sqlite") on one SQLite file."""
     from conftest import LIVE, _app_settings
 
-    cluster = Cluster(tmp_path, postgres.new_database(), _app_settings(fake, CHAT_MAX_CONCURRENT="4")).start()
+    if getattr(request, "param", "postgresql") == "sqlite":
+        database = tmp_path / "shared.db"
+    else:
+        database = request.getfixturevalue("postgres").new_database()
+    cluster = Cluster(tmp_path, database, _app_settings(fake, CHAT_MAX_CONCURRENT="4")).start()
     request.node.stash.setdefault(LIVE, []).extend(cluster.replicas)
     yield cluster
     cluster.stop()
@@ -139,6 +144,7 @@ def tab_of(page) -> str:
     return wait_until(lambda: urllib.parse.parse_qs(urllib.parse.urlsplit(page.url).query).get("tab", [None])[0])
 
 
+@pytest.mark.parametrize("cluster", ["postgresql", "sqlite"], indirect=True)
 def test_a_viewer_on_another_replica_sees_the_reply_grow_in_sentences(cluster, open_page, fake):
     room = "across"
     asker, viewer = open_page(1, room, "Ada"), open_page(2, room, "Bob")
