@@ -406,14 +406,15 @@ def live_area(
     tail = Tail(Places(st.container(), "live_places"), name, questions)
     in_browser = bool(st.context.headers)
     changes = store.changes()
-    version, seen, following, followed = store.version(room), None, None, False
+    # Every page of the room wakes at each change: the reads are shared (cached_*).
+    version, seen, following, followed = store.cached_version(room), None, None, False
     changed_at = time.monotonic()
     stats = StatsPanel(stats_place)
     while True:
         mine = my_live_reply(worker, room, tab)
         if version != seen or (mine and mine.message_id) != following:
             seen, following = version, mine and mine.message_id
-            tail.update(store.recent(room, LIVE_MESSAGES, after_id=after_id), mine)
+            tail.update(store.cached_recent(room, LIVE_MESSAGES, after_id, version), mine)
             tail.places.cover()
             changed_at = time.monotonic()
         else:
@@ -435,7 +436,7 @@ def live_area(
             store.wait_for_change(changes, min(WAIT_S, until - time.time()) if full_run else WAIT_S)
         if store.changes() != changes:
             changes = store.changes()
-            version = store.version(room)
+            version = store.cached_version(room)
         st.session_state.get("notice")  # a point where Streamlit can stop this run
 
 

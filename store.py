@@ -31,6 +31,7 @@ import time
 import unicodedata
 import uuid
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 STATUSES = ("complete", "streaming", "stopped", "error", "interrupted", "truncated")
 FINAL_STATUSES = frozenset(STATUSES) - {"streaming"}
 INTERRUPTED_NOTE = "The server restarted while this reply was being written."
+CACHED_READS = 64  # (room, after_id) reads kept for the pages that follow rooms
 BEAT_EVERY_S = 10.0  # how often a replica writing replies records that it lives
 STALE_AFTER_S = 30.0  # a replica silent this long is gone, and so are its replies
 RATE_WINDOW_S = 60.0  # the per-asker limit counts the replies started within this window
@@ -436,6 +438,11 @@ class ChangeWaiting:
         self._changes = 0
         self._changed = threading.Condition()
         self._watching = False
+        # Reads shared by every page of this process that follows a room: at
+        # each change they all wake at once, and one query serves them all.
+        self._reads = threading.Lock()
+        self._versions: dict[str, tuple[int, int]] = {}  # room -> (change counter before reading, version)
+        self._recents: OrderedDict[tuple, tuple[int, list[Message]]] = OrderedDict()  # -> (version, messages)
 
     def changes(self) -> int:
         """The counter now; see wait_for_change."""
@@ -451,6 +458,31 @@ class ChangeWaiting:
         with self._changed:
             self._changed.wait_for(lambda: self._changes != seen, timeout)
             return self._changes
+
+    def cached_version(self, room: str) -> int:
+        """``version(room)``, read once per change this process has seen, however many pages ask."""
+        seen = self.changes()  # before reading: what is read is at least as new
+        with self._reads:
+            held = self._versions.get(room)
+            if held is None or held[0] != seen:
+                held = self._versions[room] = (seen, self.version(room))
+            return held[1]
+
+    def cached_recent(self, room: str, limit: int, after_id: int, version: int) -> list[Message]:
+        """``recent(room, limit, after_id)`` as of room ``version`` or later, read once for all who ask.
+
+        ``version`` must have been read before: what is read after it is at
+        least as new, and is kept for every later caller with that version.
+        """
+        key = (room, limit, after_id)
+        with self._reads:
+            held = self._recents.get(key)
+            if held is None or held[0] < version:
+                held = self._recents[key] = (version, self.recent(room, limit, after_id))
+            self._recents.move_to_end(key)
+            while len(self._recents) > CACHED_READS:
+                self._recents.popitem(last=False)
+            return held[1]
 
     def _note_change(self) -> None:
         with self._changed:

@@ -459,6 +459,33 @@ def test_a_commit_by_another_process_wakes_the_wait_too(store, db_path):
     assert [m.text for m in store.recent("general")] == ["hi"]
 
 
+def test_pages_following_a_room_share_one_read_per_change(store):
+    store.add_message("general", "Ada", "first")
+    version = store.cached_version("general")
+    shared = store.cached_recent("general", 100, 0, version)
+    assert [m.text for m in shared] == ["first"]
+    assert store.cached_version("general") == version  # nothing changed: not read again
+    assert store.cached_recent("general", 100, 0, version) is shared  # the same read, for every page
+    store.add_message("general", "Bob", "second")  # counted at once by this store
+    newer = store.cached_version("general")
+    assert newer > version
+    assert [m.text for m in store.cached_recent("general", 100, 0, newer)] == ["first", "second"]
+    assert [m.text for m in store.cached_recent("general", 100, 1, newer)] == ["second"]  # after_id: its own read
+    assert store.cached_recent("general", 100, 0, version) is not shared  # an older version gets the newer read
+
+
+def test_shared_reads_see_another_process_commit_once_it_is_noticed(store, other_store):
+    store.add_message("general", "Ada", "first")
+    version = store.cached_version("general")
+    seen = store.changes()
+    assert store.wait_for_change(seen, timeout=0.3) == seen  # watching for other processes from now on
+    other_store.add_message("general", "Bob", "from elsewhere")
+    assert store.wait_for_change(seen, timeout=5) != seen
+    newer = store.cached_version("general")
+    assert newer > version
+    assert [m.text for m in store.cached_recent("general", 100, 0, newer)] == ["first", "from elsewhere"]
+
+
 def test_a_lost_postgresql_database_is_reported_without_its_password(postgres):
     import psycopg
 
