@@ -279,8 +279,8 @@ def render_stats(reply: LiveReply | None) -> None:
         st.caption("Still being written: figures so far.")
     st.markdown(
         f"{stats.tokens:,} tokens streamed · {stats.chunks:,} chunks persisted · "
-        f"{stats.bytes_written:,} bytes written to SQLite in {stats.commits:,} commits\n\n"
-        "| to persist it by | bytes to SQLite |\n|---|---:|\n"
+        f"{stats.bytes_written:,} bytes written to the database in {stats.commits:,} commits\n\n"
+        "| to persist it by | bytes written |\n|---|---:|\n"
         f"| appending each sentence (this app) | {stats.bytes_written:,} |\n"
         f"| rewriting the text at each sentence | {stats.seed_bytes:,} |\n"
         f"| rewriting the text at each token | {stats.per_token_bytes:,} |"

@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import itertools
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -229,7 +230,9 @@ def measure_replicas(engines=("sqlite", "postgresql"), replica_counts=(1, 2), la
     results = []
     with FakeOpenAI() as server, tempfile.TemporaryDirectory() as tmp, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        postgres = LocalPostgres(Path(tmp) / "postgres", free_port()).start() if "postgresql" in engines else None
+        # In a folder of its own: the server runs as the postgres user, who cannot enter `tmp`.
+        postgres = (LocalPostgres(Path(tempfile.mkdtemp(prefix="chat-pg-")), free_port()).start()
+                    if "postgresql" in engines else None)
         databases = itertools.count()
         try:
             for engine in engines:
@@ -245,6 +248,7 @@ def measure_replicas(engines=("sqlite", "postgresql"), replica_counts=(1, 2), la
         finally:
             if postgres is not None:
                 postgres.stop()
+                shutil.rmtree(postgres.folder, ignore_errors=True)
             browser.close()
     return results
 

@@ -237,3 +237,12 @@ def test_a_burst_over_both_replicas_holds_the_deployment_limit(cluster, open_pag
     assert len(cluster.replies(room)) == 4 and len(refused) == 6
     assert sorted(r.text for r in cluster.replies(room)) == sorted(s.text for s in fake.sent)
     assert len([m for m in cluster.store.recent(room, 100) if m.role == "user"]) == 4  # refused: not stored
+
+
+def test_the_shipped_haproxy_configuration_is_the_launchers_for_two_replicas_and_valid():
+    from deploy.scale_out import ROOT
+
+    shipped = ROOT / "deploy" / "haproxy.cfg"
+    assert shipped.read_text() == haproxy_config([8601, 8602], 8501)
+    checked = subprocess.run(["haproxy", "-c", "-f", str(shipped)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
