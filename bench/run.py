@@ -1,7 +1,7 @@
 """Every benchmark in one run, its tables printed and its two plots drawn into docs/.
 
-    python bench/run.py            # about 20 minutes on 2 cores
-    python bench/run.py --quick    # fewer repeats and combinations, about 10 minutes
+    python bench/run.py            # about 35 minutes on 2 cores
+    python bench/run.py --quick    # fewer repeats and combinations, about 15 minutes
 """
 
 from __future__ import annotations
@@ -99,6 +99,10 @@ def main() -> None:
     scale.print_header()
     scale.measure((5, 20) if args.quick else (5, 10, 20), (1, 5) if args.quick else (1, 3, 5),
                   (40,) if args.quick else (40, 80))
+
+    print("\n6. Replicas: viewers held by 1 and 2 processes, on SQLite and on PostgreSQL")
+    scale.print_header()
+    scale.print_capacity(scale.measure_replicas(("sqlite",) if args.quick else ("sqlite", "postgresql")))
     print(f"\nplots: {DOCS / 'perf-db-bytes.png'}, {DOCS / 'perf-asker-latency.png'}")
 
 
