@@ -692,8 +692,9 @@ def main() -> None:
     # a hundred of them that held the first token of a reply up by 150 ms.
     shown = st.session_state.setdefault("shown", PAGE_MESSAGES)
     history = store.recent(room, shown + 1)
+    floor = 0  # the live area shows what is newer than this, and than the settled messages
     if len(history) > shown:
-        history = history[1:]
+        floor, history = history[0].id, history[1:]
         earlier_place.button("Show earlier messages", key="earlier", on_click=show_earlier, type="tertiary")
     # Settled messages are drawn once per full run; from the first reply still
     # being written on, live_area draws them and keeps them fresh.
@@ -720,7 +721,7 @@ def main() -> None:
             render_notice(*notice)
     with live:
         live_area(
-            room, name, tab, settled[-1].id if settled else 0, questions,
+            room, name, tab, settled[-1].id if settled else floor, questions,
             stats_place, time.time() + FULL_RUN_FOLLOWS_S,
         )
 

@@ -440,7 +440,8 @@ class ChangeWaiting:
         self._watching = False
         # Reads shared by every page of this process that follows a room: at
         # each change they all wake at once, and one query serves them all.
-        self._reads = threading.Lock()
+        self._reads = threading.Lock()  # guards the dicts; each room's reads queue on the room's own lock
+        self._room_reads: dict[str, threading.Lock] = {}
         self._versions: dict[str, tuple[int, int]] = {}  # room -> (change counter before reading, version)
         self._recents: OrderedDict[tuple, tuple[int, list[Message]]] = OrderedDict()  # -> (version, messages)
 
@@ -462,7 +463,7 @@ class ChangeWaiting:
     def cached_version(self, room: str) -> int:
         """``version(room)``, read once per change this process has seen, however many pages ask."""
         seen = self.changes()  # before reading: what is read is at least as new
-        with self._reads:
+        with self._reading_room(room):
             held = self._versions.get(room)
             if held is None or held[0] != seen:
                 held = self._versions[room] = (seen, self.version(room))
@@ -475,14 +476,21 @@ class ChangeWaiting:
         least as new, and is kept for every later caller with that version.
         """
         key = (room, limit, after_id)
-        with self._reads:
+        with self._reading_room(room):
             held = self._recents.get(key)
             if held is None or held[0] < version:
-                held = self._recents[key] = (version, self.recent(room, limit, after_id))
-            self._recents.move_to_end(key)
-            while len(self._recents) > CACHED_READS:
-                self._recents.popitem(last=False)
+                held = (version, self.recent(room, limit, after_id))
+            with self._reads:
+                self._recents[key] = held
+                self._recents.move_to_end(key)
+                while len(self._recents) > CACHED_READS:
+                    self._recents.popitem(last=False)
             return held[1]
+
+    def _reading_room(self, room: str) -> threading.Lock:
+        """The lock the pages reading ``room`` queue on, so that the first reads for all of them."""
+        with self._reads:
+            return self._room_reads.setdefault(room, threading.Lock())
 
     def _note_change(self) -> None:
         with self._changed:
@@ -679,7 +687,10 @@ class Store(ChangeWaiting):
 
     def beat(self, owner: str = PROCESS) -> None:
         """Record that ``owner`` lives, now, in this process: its streaming replies are not orphans while it beats."""
-        with _immediate(self.db) as db:  # nobody waits for a heartbeat: no change to note
+        # Nobody here waits for a heartbeat: no change to note. (Other processes'
+        # watchers see its commit as any other: their pages wake, find the
+        # room's version unchanged, and wait again.)
+        with _immediate(self.db) as db:
             db.execute(
                 "INSERT INTO replicas (owner, beat_at, pid_space, pid) VALUES (?, ?, ?, ?) ON CONFLICT (owner) "
                 "DO UPDATE SET beat_at = excluded.beat_at, pid_space = excluded.pid_space, pid = excluded.pid",

@@ -107,14 +107,15 @@ def main() -> None:
     args = parser.parse_args()
     args.folder.mkdir(exist_ok=True)
 
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on Ctrl-C, at any point
     postgres = None
-    url = os.environ.get("DATABASE_URL")
-    if not url:
-        postgres = LocalPostgres(args.folder / "postgres", POSTGRES_PORT).start()
-        url = postgres.create_database("chat")
-        print(f"PostgreSQL: {url} (data in {postgres.data})")
     processes: list[subprocess.Popen] = []
     try:
+        url = os.environ.get("DATABASE_URL")
+        if not url:
+            postgres = LocalPostgres(args.folder / "postgres", POSTGRES_PORT)
+            url = postgres.start().create_database("chat")
+            print(f"PostgreSQL: {url} (data in {postgres.data})")
         ports = [FIRST_REPLICA_PORT + i for i in range(args.replicas)]
         for port in ports:
             processes.append(start_replica(port, {"DATABASE_URL": url}, args.folder / f"replica-{port}.log"))
@@ -125,7 +126,6 @@ def main() -> None:
         config.write_text(haproxy_config(ports, args.port))
         processes.append(start_haproxy(config))
         print(f"\nThe chat: http://127.0.0.1:{args.port}  (Ctrl-C stops it)")
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on Ctrl-C
         while all(process.poll() is None for process in processes):
             time.sleep(1)
         print("A replica or HAProxy stopped; stopping the rest.", file=sys.stderr)
@@ -135,9 +135,15 @@ def main() -> None:
         for process in reversed(processes):
             process.terminate()
         for process in processes:
-            process.wait(30)
-        if postgres is not None:
-            postgres.stop()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        if postgres is not None and (postgres.data / "postmaster.pid").exists():
+            try:
+                postgres.stop()
+            except subprocess.CalledProcessError:
+                pass  # already stopping: Ctrl-C in a terminal reaches it too
 
 
 if __name__ == "__main__":

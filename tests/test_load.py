@@ -38,7 +38,9 @@ def test_a_burst_of_ten_questions_never_exceeds_the_concurrency_limit(start_app,
         page.fill("[data-testid=stChatInput] textarea", f"@gpt question {i}")
     for page in people:
         page.keyboard.press("Enter")
-    wait_until(lambda: sum(bool(warnings(p)) for p in people) + len(stored_replies(app.db, "burst")) >= 10)
+    # Everyone has been answered or told why, and every reply's request has reached the model.
+    wait_until(lambda: sum(bool(warnings(p)) for p in people) + len(stored_replies(app.db, "burst")) >= 10
+               and fake.in_flight == len(stored_replies(app.db, "burst")))
     held.set()
     wait_until(lambda: all(r["status"] == "complete" for r in stored_replies(app.db, "burst")), timeout=30)
 

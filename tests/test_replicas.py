@@ -59,11 +59,21 @@ class Cluster:
         self.store = None
 
     def start(self) -> "Cluster":
-        threads = [threading.Thread(target=replica.start) for replica in self.replicas]
+        failures = []
+
+        def start(replica: StreamlitApp) -> None:
+            try:
+                replica.start()
+            except Exception as error:  # raised below, in the test's thread
+                failures.append(error)
+
+        threads = [threading.Thread(target=start, args=(replica,)) for replica in self.replicas]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
+        if failures:
+            raise failures[0]
         ports = [urllib.parse.urlsplit(replica.url).port for replica in self.replicas]
         self.config.write_text(haproxy_config(ports, self.port))
         self.balancer = subprocess.Popen(["haproxy", "-db", "-f", str(self.config)],
@@ -91,13 +101,20 @@ class Cluster:
         return int(self.replies(room)[-1].owner.split(":")[1])
 
     def stop(self) -> None:
+        """Stop everything started, each whatever happens to the others."""
         if hasattr(self.store, "close"):
             self.store.close()
         if self.balancer is not None:
             self.balancer.terminate()
-            self.balancer.wait(10)
+            try:
+                self.balancer.wait(10)
+            except subprocess.TimeoutExpired:
+                self.balancer.kill()
         for replica in self.replicas:
-            replica.stop()
+            try:
+                replica.stop()
+            except subprocess.TimeoutExpired:
+                pass  # killed by stop(); its log is still checked
 
 
 def _answers(url: str) -> bool:
@@ -117,10 +134,12 @@ def cluster(request, fake, tmp_path):
     else:
         database = request.getfixturevalue("postgres").new_database()
     # Replies may be held back by a test for a while: no idle timeout meanwhile.
-    cluster = Cluster(tmp_path, database, _app_settings(fake, CHAT_MAX_CONCURRENT="4", CHAT_IDLE_TIMEOUT_S="60")).start()
+    cluster = Cluster(tmp_path, database, _app_settings(fake, CHAT_MAX_CONCURRENT="4", CHAT_IDLE_TIMEOUT_S="60"))
     request.node.stash.setdefault(LIVE, []).extend(cluster.replicas)
-    yield cluster
-    cluster.stop()
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
     for replica in cluster.replicas:
         check_log(replica)
 
@@ -228,7 +247,9 @@ def test_a_burst_over_both_replicas_holds_the_deployment_limit(cluster, open_pag
         page.fill(CHAT_INPUT, f"@gpt question {i}")
     for page in people:
         page.keyboard.press("Enter")
-    wait_until(lambda: sum(bool(warnings(p)) for p in people) + len(cluster.replies(room)) >= 10)
+    # Everyone has been answered or told why, and every reply's request has reached the model.
+    wait_until(lambda: sum(bool(warnings(p)) for p in people) + len(cluster.replies(room)) >= 10
+               and fake.in_flight == len(cluster.replies(room)))
     held.set()
     wait_until(lambda: all(r.status == "complete" for r in cluster.replies(room)), timeout=30)
 

@@ -461,10 +461,14 @@ def test_a_commit_by_another_process_wakes_the_wait_too(store, db_path):
 
 def test_pages_following_a_room_share_one_read_per_change(store):
     store.add_message("general", "Ada", "first")
+    reads = []
+    version_of = store.version
+    store.version = lambda room: reads.append(room) or version_of(room)  # counts the reads
     version = store.cached_version("general")
     shared = store.cached_recent("general", 100, 0, version)
     assert [m.text for m in shared] == ["first"]
-    assert store.cached_version("general") == version  # nothing changed: not read again
+    assert store.cached_version("general") == version
+    assert reads == ["general"]  # nothing changed: read once, for every page that asks
     assert store.cached_recent("general", 100, 0, version) is shared  # the same read, for every page
     store.add_message("general", "Bob", "second")  # counted at once by this store
     newer = store.cached_version("general")
