@@ -162,22 +162,23 @@ def pages(request, browser):
     """Open pages: ``pages(app, room, *names)``, one browser context (one person) each, loaded in parallel.
 
     Returns the page, or a list of pages for several names. ``ready`` is the
-    selector that says a page has loaded (the chat input by default).
+    selector that says a page has loaded (the chat input by default); with
+    ``tabs``, the pages are tabs of one browser context (see live.open_rooms).
     """
     from live import CHAT_INPUT, open_rooms
 
     opened = []
 
-    def open_pages(app, room: str, *names: str, ready: str = CHAT_INPUT):
-        new = open_rooms(browser, app, room, list(names), ready=ready)
+    def open_pages(app, room: str, *names: str, ready: str = CHAT_INPUT, tabs: bool = False):
+        new = open_rooms(browser, app, room, list(names), ready=ready, tabs=tabs)
         opened.extend(new)
         live = request.node.stash.setdefault(LIVE, [])
         live.extend(item for item in (app, *new) if item not in live)
         return new if len(new) > 1 else new[0]
 
     yield open_pages
-    for page in opened:
-        page.context.close()
+    for context in dict.fromkeys(page.context for page in opened):
+        context.close()
 
 
 @pytest.hookimpl(wrapper=True)

@@ -104,11 +104,15 @@ class StreamlitApp:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def open_rooms(browser, app: StreamlitApp, room: str, names: list[str], ready: str = CHAT_INPUT) -> list:
-    """A page per name, each in a fresh browser context (a separate person), loaded in parallel."""
+def open_rooms(browser, app: StreamlitApp, room: str, names: list[str], ready: str = CHAT_INPUT,
+               tabs: bool = False) -> list:
+    """A page per name, loaded in parallel: each in a fresh browser context (a separate person), or,
+    with ``tabs``, all as tabs of one (each still a person of its own to the app, by its name and its
+    own session; only loading them is quicker, from the browser's cache)."""
     pages = []
+    shared = browser.new_context(viewport={"width": 1100, "height": 760}) if tabs else None
     for name in names:
-        page = browser.new_context(viewport={"width": 1100, "height": 760}).new_page()
+        page = (shared or browser.new_context(viewport={"width": 1100, "height": 760})).new_page()
         page.person = name
         page.goto(f"{app.url}/?room={room}&name={name}", wait_until="commit")
         pages.append(page)

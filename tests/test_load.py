@@ -2,7 +2,8 @@
 
 The soak runs SOAK_SECONDS (default 15 s in the normal suite); run the full
 one with `SOAK_SECONDS=60 python -m pytest tests/test_load.py -k soak -s`.
-Viewers are real Chromium pages, one browser context (one person) each.
+Viewers are real Chromium pages, each a person of its own to the app (its
+name, its session); loaded as tabs of one browser, which is quicker.
 """
 
 import os
@@ -33,7 +34,7 @@ def test_a_burst_of_ten_questions_never_exceeds_the_concurrency_limit(start_app,
     held = threading.Event()
     fake.default = Reply(pieces=as_pieces(["One short answer, written in a moment."] * 4), delay_s=0.02, hold=held)
     app = start_app(CHAT_MAX_CONCURRENT="4", CHAT_IDLE_TIMEOUT_S="60")
-    people = pages(app, "burst", *[f"Person{i}" for i in range(10)])
+    people = pages(app, "burst", *[f"Person{i}" for i in range(10)], tabs=True)
     for i, page in enumerate(people):
         page.fill("[data-testid=stChatInput] textarea", f"@gpt question {i}")
     for page in people:
@@ -75,8 +76,8 @@ def test_soak_five_replies_and_twenty_viewers(start_app, pages, fake):
     count = int(SOAK_SECONDS / per_piece)
     fake.default = Reply(pieces=pieces[:count], delay_s=per_piece)
     app = start_app(CHAT_MAX_CONCURRENT="5")
-    viewers = pages(app, "soak", *[f"Viewer{i}" for i in range(20)])
-    askers = pages(app, "soak", *[f"Asker{i}" for i in range(5)])
+    viewers = pages(app, "soak", *[f"Viewer{i}" for i in range(20)], tabs=True)
+    askers = pages(app, "soak", *[f"Asker{i}" for i in range(5)], tabs=True)
     started = time.monotonic()
     for i, page in enumerate(askers):
         send(page, f"@gpt soak question {i}")

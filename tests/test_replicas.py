@@ -82,11 +82,19 @@ class Cluster:
         self.store = open_store(self.database)
         return self
 
-    def page(self, browser, replica: int, room: str, name: str, tab: str | None = None, wait: bool = True):
-        """A person's page on replica ``replica`` (1, 2, ...), through the balancer; loaded unless not ``wait``."""
+    def browser_on(self, browser, replica: int):
+        """A browser context that the balancer sends to replica ``replica`` (1, 2, ...)."""
         context = browser.new_context(viewport={"width": 1100, "height": 760})
         context.add_cookies([{"name": COOKIE, "value": f"r{replica}", "url": self.url}])
-        page = context.new_page()
+        return context
+
+    def page(self, browser, replica: int, room: str, name: str, tab: str | None = None, wait: bool = True,
+             context=None):
+        """A person's page on replica ``replica``, through the balancer; loaded unless not ``wait``.
+
+        In a browser context of its own, or as a tab of ``context`` (from browser_on).
+        """
+        page = (context or self.browser_on(browser, replica)).new_page()
         page.person = f"{name} on r{replica}"
         page.goto(f"{self.url}/?room={room}&name={name}" + (f"&tab={tab}" if tab else ""), wait_until="commit")
         if wait:
@@ -150,15 +158,16 @@ def open_page(request, browser, cluster):
 
     opened = []
 
-    def open_on(replica: int, room: str, name: str, tab: str | None = None, wait: bool = True):
-        page = cluster.page(browser, replica, room, name, tab, wait)
+    def open_on(replica: int, room: str, name: str, tab: str | None = None, wait: bool = True, context=None):
+        page = cluster.page(browser, replica, room, name, tab, wait, context)
         opened.append(page)
         request.node.stash.setdefault(LIVE, []).append(page)
         return page
 
+    open_on.browser_on = lambda replica: cluster.browser_on(browser, replica)
     yield open_on
-    for page in opened:
-        page.context.close()
+    for context in dict.fromkeys(page.context for page in opened):
+        context.close()
 
 
 def tab_of(page) -> str:
@@ -236,7 +245,10 @@ def test_a_replica_killed_mid_reply_leaves_it_interrupted_for_the_other(cluster,
 
 def test_a_burst_over_both_replicas_holds_the_deployment_limit(cluster, open_page, fake):
     room = "burst"
-    people = [open_page(1 + i % 2, room, f"P{i}", wait=False) for i in range(10)]  # five on each replica
+    # Five on each replica, each a person of its own (name, session), as tabs of
+    # one browser per replica, which loads them quicker.
+    browsers = {replica: open_page.browser_on(replica) for replica in (1, 2)}
+    people = [open_page(1 + i % 2, room, f"P{i}", wait=False, context=browsers[1 + i % 2]) for i in range(10)]
     for page in people:  # loading side by side
         page.wait_for_selector(CHAT_INPUT, timeout=60_000)
     # Every reply is held after its first words until all ten people have had
