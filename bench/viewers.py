@@ -20,7 +20,6 @@ viewer's screen (p50, p95).
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import threading
 import time

@@ -6,7 +6,6 @@ openai client; the database is a real SQLite file.
 
 import os
 import re
-import threading
 import time
 from pathlib import Path
 
