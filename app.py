@@ -659,10 +659,11 @@ class BlockView:
 
 def stop(worker: ReplyWorker, room: str, tab: str) -> None:
     """Stop button callback: stop this tab's newest reply being written, here or on another replica."""
-    if (mine := my_live_reply(worker, room, tab)) is not None:
-        worker.stop(mine.message_id)
-    elif (message_id := writing_for(worker.store.recent(room, LIVE_MESSAGES), tab)) is not None:
-        worker.stop(message_id)  # through the database, to the replica that writes it
+    mine = my_live_reply(worker, room, tab)
+    # Written elsewhere, it is stopped through the database, by the replica that writes it.
+    message_id = mine.message_id if mine else writing_for(worker.store.recent(room, LIVE_MESSAGES), tab)
+    if message_id is not None:
+        worker.stop(message_id)
 
 
 def main() -> None:
