@@ -31,14 +31,13 @@ import itertools
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import asker_latency
-from common import CHROMIUM, CHROMIUM_ARGS, ROOT, App, cpu_seconds, machine_busy
+from common import CHROMIUM, CHROMIUM_ARGS, ROOT, App, cpu_seconds, free_port, machine_busy
 from viewers import ROOM, percentile, seed
 from wire_client import TickClock, WireSession
 
@@ -223,9 +222,7 @@ def measure_replicas(engines=("sqlite", "postgresql"), replica_counts=(1, 2), la
     """How many viewers (with 5 replies) 1 and 2 replicas hold, on each engine."""
     from playwright.sync_api import sync_playwright
 
-    sys.path.insert(0, str(ROOT))
-    from deploy.local_postgres import LocalPostgres
-    from common import free_port
+    from deploy.local_postgres import LocalPostgres  # ROOT is on sys.path (common.py)
 
     results = []
     with FakeOpenAI() as server, tempfile.TemporaryDirectory() as tmp, sync_playwright() as playwright:
