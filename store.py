@@ -444,6 +444,9 @@ class ChangeWaiting:
         self._room_reads: dict[str, threading.Lock] = {}
         self._versions: dict[str, tuple[int, int]] = {}  # room -> (change counter before reading, version)
         self._recents: OrderedDict[tuple, tuple[int, list[Message]]] = OrderedDict()  # -> (version, messages)
+        # Rooms' versions as the database's change notifications tell them
+        # (PostgreSQL's carry each room's new version); None while none come.
+        self._told: dict[str, int] | None = None
 
     def changes(self) -> int:
         """The counter now; see wait_for_change."""
@@ -461,13 +464,21 @@ class ChangeWaiting:
             return self._changes
 
     def cached_version(self, room: str) -> int:
-        """``version(room)``, read once per change this process has seen, however many pages ask."""
-        seen = self.changes()  # before reading: what is read is at least as new
+        """``version(room)``, read once per change this process has seen, however many pages ask;
+        not read at all while the change notifications tell it."""
+        with self._changed:
+            told = self._told
+            if told is not None and room in told:
+                return told[room]
+            seen = self._changes  # before reading: what is read is at least as new
         with self._reading_room(room):
             held = self._versions.get(room)
             if held is None or held[0] != seen:
                 held = self._versions[room] = (seen, self.version(room))
-            return held[1]
+        with self._changed:
+            if told is not None and told is self._told:  # heard since before the read: later changes will be told
+                told[room] = max(held[1], told.get(room, 0))
+        return held[1]
 
     def cached_recent(self, room: str, limit: int, after_id: int, version: int) -> list[Message]:
         """``recent(room, limit, after_id)`` as of room ``version`` or later, read once for all who ask.
@@ -492,10 +503,22 @@ class ChangeWaiting:
         with self._reads:
             return self._room_reads.setdefault(room, threading.Lock())
 
-    def _note_change(self) -> None:
+    def _note_change(self, versions: dict[str, int | None] | None = None) -> None:
+        """Count a change and wake whoever waits; ``versions``: rooms' new versions, None where unknown."""
         with self._changed:
             self._changes += 1
+            if self._told is not None:
+                for room, version in (versions or {}).items():
+                    if version is None:
+                        self._told.pop(room, None)
+                    else:
+                        self._told[room] = max(version, self._told.get(room, 0))
             self._changed.notify_all()
+
+    def _hearing(self, heard: bool) -> None:
+        """Whether every commit's notification reaches this store from now on, with its version."""
+        with self._changed:
+            self._told = {} if heard else None
 
     def _start_watching(self) -> None:
         raise NotImplementedError

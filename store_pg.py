@@ -6,9 +6,10 @@ database. Same tables, statuses, append-only chunks, version counter,
 validation and errors as the SQLite store; see store.py for the why.
 
 Connections come from a small pool. Every write is one transaction that ends
-with ``pg_notify('chat_changes', room)``, delivered when it commits: one
-listening connection per Store wakes whoever waits for a change, whichever
-process wrote it, without polling.
+with ``pg_notify('chat_changes', '<version> <room>')``, delivered when it
+commits: one listening connection per Store wakes whoever waits for a change,
+whichever process wrote it, without polling, and tells each room's new
+version, so that pages following a room learn it without asking.
 
 Every time stored (``created_at``, ``updated_at``, heartbeats) is the server's
 ``now()`` in epoch seconds, never the writing host's clock: replicas on hosts
@@ -150,18 +151,30 @@ def _listen(store_ref: weakref.ref, url: str) -> None:
         try:
             with psycopg.connect(url, autocommit=True) as conn:
                 conn.execute(f"LISTEN {CHANNEL}")
-                if reconnecting and (store := store_ref()) is not None:
-                    store._note_change()  # whatever happened while nobody listened
+                if (store := store_ref()) is not None:
+                    store._hearing(True)
+                    if reconnecting:
+                        store._note_change()  # whatever happened while nobody listened
                     del store
                 while store_ref() is not None:
-                    for _ in conn.notifies(timeout=1.0, stop_after=1):
+                    for notice in conn.notifies(timeout=1.0, stop_after=1):
                         if (store := store_ref()) is not None:
-                            store._note_change()
+                            store._note_change(_told(notice.payload))
                         del store
         except psycopg.Error:
+            if (store := store_ref()) is not None:
+                store._hearing(False)
+                del store
             log.warning("lost the database's change notifications; listening again in %s s", LISTEN_RETRY_S)
             reconnecting = True
             time.sleep(LISTEN_RETRY_S)
+
+
+def _told(payload: str) -> dict[str, int | None]:
+    """The room and new version a notification tells ("<version> <room>"); a bare room
+    name (from a replica of an older release) says the room changed, not to what."""
+    version, _, room = payload.partition(" ")
+    return {room: int(version)} if version.isdigit() and room else {payload: None}
 
 
 class PgStore(ChangeWaiting):
@@ -169,6 +182,7 @@ class PgStore(ChangeWaiting):
 
     def __init__(self, url: str, pool_size: int = 10, connect_timeout_s: float = CONNECT_TIMEOUT_S):
         super().__init__()
+        self._bumped = threading.local()  # the rooms this thread's write transaction bumped, with their versions
         self.url = url
         try:
             conninfo_to_dict(url)
@@ -204,9 +218,10 @@ class PgStore(ChangeWaiting):
     @contextlib.contextmanager
     def _writing(self) -> Iterator[psycopg.Connection]:
         """One write transaction; everyone waiting for a change is told once it commits."""
+        bumped = self._bumped.rooms = {}  # filled by _bump
         with self._reading() as conn, conn.transaction():
             yield conn
-        self._note_change()
+        self._note_change(bumped)
 
     def add_message(self, room: str, author: str, text: str) -> Message:
         room, author, text = check_room(room), check_name(author), check_text(text)
@@ -430,11 +445,12 @@ class PgStore(ChangeWaiting):
             raise NotStreaming(f"message {message_id} is not a streaming reply")
         return row["room"]
 
-    @staticmethod
-    def _bump(conn, room: str) -> None:
-        conn.execute(
+    def _bump(self, conn, room: str) -> None:
+        """A new version for the room, told to every listening store when the write commits."""
+        version = conn.execute(
             "INSERT INTO rooms (name, version) VALUES (%s, 1) "
-            "ON CONFLICT (name) DO UPDATE SET version = rooms.version + 1",
+            "ON CONFLICT (name) DO UPDATE SET version = rooms.version + 1 RETURNING version",
             [room],
-        )
-        conn.execute("SELECT pg_notify(%s, %s)", [CHANNEL, room])
+        ).fetchone()["version"]
+        conn.execute("SELECT pg_notify(%s, %s)", [CHANNEL, f"{version} {room}"])
+        self._bumped.rooms[room] = version
