@@ -479,6 +479,8 @@ class Tail:
 
     def update(self, messages: list[Message], mine: LiveReply | None) -> None:
         for message in messages:
+            if self.messages.get(message.id) == message:
+                continue  # on the page as it is stored
             self.messages[message.id] = message
             if message.role == "user":
                 self.questions[message.id] = message
@@ -490,7 +492,9 @@ class Tail:
 
     def tick(self, mine: LiveReply | None) -> None:
         """Move the thinking clocks on: replies with no words yet show how long they have been thinking."""
-        self.update([m for m in self.messages.values() if m.status == "streaming" and not m.text], mine)
+        for message in self.messages.values():
+            if message.status == "streaming" and not message.text and message.id != (mine and mine.message_id):
+                self.bubbles[message.id].show(message)
 
     def mark_mine(self, message_id: int | None) -> None:
         """Say which reply being written is this tab's own (the page's CSS shows Stop for it), or none."""
