@@ -16,8 +16,10 @@ generator's own CPU (sessions, model server, browser driver), and the time
 the replies took against the model's time.
 
 With --replicas: sessions spread over 1 and then 2 processes of the app on one
-database, SQLite and then PostgreSQL, climbing from 5 viewers (with 5 replies)
-until the askers' p95 passes 150 ms or the viewers' following p95 1.3 s.
+database, SQLite and then PostgreSQL, climbing from 4 viewers (with 5 replies),
+2 at a time up to 24, until the askers' p95 passes 150 ms or the viewers'
+following p95 1.3 s. Each step is one run, and the climb ends at the first
+step that does not hold: an unlucky step ends it early, never late.
 
     python bench/scale.py [--viewers 5 10 20] [--replies 1 3 5] [--beyond 40 80]
     python bench/scale.py --replicas [--engines sqlite postgresql]
@@ -196,7 +198,7 @@ def print_fast(row: dict) -> None:
 
 HOLD_ASKER_P95_MS = 150  # what "holds" means: the askers' p95 ...
 HOLD_FOLLOWING_P95_MS = 1_300  # ... and the viewers' following p95, within these
-LADDER = (5, 10, 15, 20, 30, 40, 60, 80)  # viewers, each step with 5 replies
+LADDER = (4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 28, 32, 40, 48, 60, 80)  # viewers, each step with 5 replies
 
 
 def holds(row: dict) -> bool:
