@@ -18,8 +18,10 @@ the replies took against the model's time.
 With --replicas: sessions spread over 1 and then 2 processes of the app on one
 database, SQLite and then PostgreSQL, climbing from 4 viewers (with 5 replies),
 2 at a time up to 24, until the askers' p95 passes 150 ms or the viewers'
-following p95 1.3 s. Each step is one run, and the climb ends at the first
-step that does not hold: an unlucky step ends it early, never late.
+following p95 1.3 s. At each step 1 replica runs, then 2, so that the
+machine's ups and downs fall on both alike. Each step is one run, and a
+climb ends at its first step that does not hold: an unlucky step ends it
+early, never late.
 
     python bench/scale.py [--viewers 5 10 20] [--replies 1 3 5] [--beyond 40 80]
     python bench/scale.py --replicas [--engines sqlite postgresql]
@@ -205,19 +207,25 @@ def holds(row: dict) -> bool:
     return row["asker_p95"] <= HOLD_ASKER_P95_MS and row["steady_p95"] <= HOLD_FOLLOWING_P95_MS
 
 
-def capacity(browser, server: FakeOpenAI, database, replicas: int, replies: int = 5,
-             ladder=LADDER) -> tuple[int, dict | None]:
-    """The most viewers that hold with ``replies`` replies, climbing the ladder until a step
-    does not; and the first step that did not. ``database()`` gives a new, seeded database."""
-    held, broke = 0, None
+def capacities(browser, server: FakeOpenAI, database, replica_counts=(1, 2), replies: int = 5,
+               ladder=LADDER) -> dict[int, tuple[int, dict | None]]:
+    """For each number of replicas: the most viewers that hold with ``replies`` replies, and
+    the first step that did not. The counts climb the ladder side by side (each step runs 1
+    replica, then 2), so that the machine's ups and downs fall on both alike; a count stops
+    at its first step that does not hold. ``database()`` gives a new, seeded database."""
+    held, broke = dict.fromkeys(replica_counts, 0), dict.fromkeys(replica_counts)
     for viewers in ladder:
-        row = run(browser, server, viewers, replies, database(), replicas=replicas)
-        print_row(row)
-        if not holds(row):
-            broke = row
+        climbing = [n for n in replica_counts if broke[n] is None]
+        if not climbing:
             break
-        held = viewers
-    return held, broke
+        for replicas in climbing:
+            row = run(browser, server, viewers, replies, database(), replicas=replicas)
+            print_row(row)
+            if holds(row):
+                held[replicas] = viewers
+            else:
+                broke[replicas] = row
+    return {n: (held[n], broke[n]) for n in replica_counts}
 
 
 def measure_replicas(engines=("sqlite", "postgresql"), replica_counts=(1, 2), ladder=LADDER) -> list[dict]:
@@ -235,14 +243,13 @@ def measure_replicas(engines=("sqlite", "postgresql"), replica_counts=(1, 2), la
         databases = itertools.count()
         try:
             for engine in engines:
-                for replicas in replica_counts:
-                    def database(engine=engine):
-                        n = next(databases)
-                        where = postgres.create_database(f"scale{n}") if engine == "postgresql" else Path(tmp) / f"{n}.db"
-                        seed(where)
-                        return where
-                    print(f"-- {engine}, {replicas} replica{'s' * (replicas > 1)}", flush=True)
-                    held, broke = capacity(browser, server, database, replicas, ladder=ladder)
+                def database(engine=engine):
+                    n = next(databases)
+                    where = postgres.create_database(f"scale{n}") if engine == "postgresql" else Path(tmp) / f"{n}.db"
+                    seed(where)
+                    return where
+                print(f"-- {engine}", flush=True)
+                for replicas, (held, broke) in capacities(browser, server, database, replica_counts, ladder=ladder).items():
                     results.append({"engine": engine, "replicas": replicas, "held": held, "broke": broke})
         finally:
             if postgres is not None:
