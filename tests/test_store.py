@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from live import wait_until
 from postgres import query
 
 from store import (
@@ -490,16 +491,6 @@ def test_shared_reads_see_another_process_commit_once_it_is_noticed(store, other
     assert [m.text for m in store.cached_recent("general", 100, 0, newer)] == ["first", "from elsewhere"]
 
 
-def wait_until(condition, store, timeout: float = 5.0) -> bool:
-    """Wait on the store's changes until ``condition()`` holds; whether it did within ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        store.wait_for_change(store.changes(), timeout=0.2)
-    return True
-
-
 @pytest.mark.engines("postgresql")
 def test_postgresql_tells_each_room_version_with_its_change_so_pages_do_not_read_it(store, other_store):
     store.add_message("general", "Ada", "first")
@@ -509,21 +500,21 @@ def test_postgresql_tells_each_room_version_with_its_change_so_pages_do_not_read
     store.version = lambda room: reads.append(room) or version_of(room)  # counts the reads
 
     other_store.add_message("general", "Bob", "from another replica")
-    assert wait_until(lambda: store.cached_version("general") == other_store.version("general"), store)
+    wait_until(lambda: store.cached_version("general") == other_store.version("general"), timeout=5)
     store.add_message("general", "Ada", "from this replica")
     assert store.cached_version("general") == other_store.version("general")
     assert reads == []  # every version came with its notification
 
     assert store.cached_version("quiet") == 0  # a room not heard of since listening began: read once
     other_store.add_message("quiet", "Bob", "now it speaks")
-    assert wait_until(lambda: store.cached_version("quiet") == 1, store)
+    wait_until(lambda: store.cached_version("quiet") == 1, timeout=5)
     assert reads == ["quiet"]
 
     # A replica of an older release tells the room's name only: the version is read again.
     query(other_store, "UPDATE rooms SET version = version + 5 WHERE name = 'general'")
     query(other_store, "SELECT pg_notify('chat_changes', 'general')")
     expected = other_store.version("general")
-    assert wait_until(lambda: store.cached_version("general") == expected, store)
+    wait_until(lambda: store.cached_version("general") == expected, timeout=5)
     assert reads == ["quiet", "general"]
 
 
@@ -536,7 +527,7 @@ def test_versions_told_before_the_notifications_were_lost_are_not_trusted_after(
     query(other_store, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                        "WHERE query LIKE 'LISTEN%%' AND datname = current_database()")
     other_store.add_message("general", "Bob", "while nobody listened")
-    assert wait_until(lambda: store.cached_version("general") == version + 1, store)
+    wait_until(lambda: store.cached_version("general") == version + 1, timeout=5)
     assert [m.text for m in store.cached_recent("general", 100, 0, version + 1)] == ["first", "while nobody listened"]
 
 
