@@ -210,6 +210,12 @@ def _page_as_shown(page) -> str:
         lines = [f"{m['from']} | {m['caption']!r} | {m['body'][-200:]!r}" for m in messages(page)]
         for kind in ("Warning", "Error"):
             lines += [f"{kind}: {text}" for text in page.locator(f"[data-testid=stAlertContent{kind}]").all_inner_texts()]
+        lines += [f"Exception: {text}" for text in page.locator("[data-testid=stException]").all_inner_texts()]
+        lines += [f"Status: {text}" for text in page.locator("[data-testid=stStatusWidget]").all_inner_texts() if text]
+        box = page.locator(CHAT_INPUT)
+        if box.count():
+            state = "disabled" if box.is_disabled() else "enabled"
+            lines.append(f"Chat input ({state}): {box.input_value()!r}")
         return "\n".join(lines) or "(no messages)"
     except Exception as error:  # closed or crashed
         return f"(could not read the page: {error})"
