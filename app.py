@@ -187,7 +187,11 @@ def writing_for(messages: Iterable[Message], tab: str) -> int | None:
 
 # Actions (widget callbacks, run before the script) ---------------------------------
 
-
+# Each action ends by saying which run draws what it did. The page sends a
+# message or a click together with a refresh tick that lands in the same
+# moment, as a run of the live area alone (the tick's fragment): left to
+# that, a refusal, a new name or an earlier page would wait for a full run.
+#
 # A refusal stays on screen until the person's next action, with the refused
 # text beside it to copy, since the chat box has already been cleared.
 
@@ -208,6 +212,7 @@ def send(worker: ReplyWorker, room: str, name: str, tab: str) -> None:
         # drops what the last one had not yet handed to the browser).
         if posted.reply is not None and time.time() - st.session_state.get("page_drawn_at", 0) > FULL_RUN_FOLLOWS_S:
             st.rerun("live")
+    st.rerun()
 
 
 def retry(worker: ReplyWorker, room: str, tab: str, question_id: int) -> None:
@@ -218,6 +223,7 @@ def retry(worker: ReplyWorker, room: str, tab: str, question_id: int) -> None:
         st.session_state.notice = (str(error), None)
     except (StoreError, sqlite3.Error):
         st.session_state.notice = ("The reply could not be started just now; please try again.", None)
+    st.rerun()
 
 
 def change_name() -> None:
@@ -226,6 +232,7 @@ def change_name() -> None:
         st.query_params["name"] = check_name(st.session_state.name_field)
     except InvalidInput as error:
         st.session_state.sidebar_notice = str(error)
+    st.rerun()
 
 
 def change_room() -> None:
@@ -237,10 +244,12 @@ def change_room() -> None:
         st.session_state.sidebar_notice = str(error)
     else:
         st.session_state.pop("shown", None)
+    st.rerun()
 
 
 def show_earlier() -> None:
     st.session_state.shown += PAGE_MESSAGES
+    st.rerun()
 
 
 # Drawing -------------------------------------------------------------------------

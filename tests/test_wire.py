@@ -107,3 +107,15 @@ def test_a_long_reply_costs_its_readers_bytes_in_proportion_to_its_length(app, m
     # Redrawing the whole reply at each of those steps would cost 30 times its size and more.
     assert asker.markdown_bytes < 4 * size, asker.markdown_bytes / size
     assert viewer.markdown_bytes < 4 * size, viewer.markdown_bytes / size
+
+
+def test_a_message_sent_with_a_refresh_tick_is_answered_by_the_whole_page(app, model, connect):
+    """The page sends a message and a refresh tick of the same moment as one run of the live
+    area alone; what the message needs drawn outside it, such as a refusal, is drawn still."""
+    person = connect("ticked", "Ada")
+    person.chat("x" * 4_001, with_tick=True)
+    wait_until(lambda: any("4,001 characters long" in alert for alert in person.alerts), timeout=10)
+    assert Store(app.db).recent("ticked") == []  # and nothing was stored
+    model.enqueue(Reply(tagged=24, delay_s=0.01))
+    person.chat("@gpt r4", with_tick=True)
+    wait_until(lambda: 24 in person.seen.get("r4", {}) and answered(app, "ticked", "r4", words=24))

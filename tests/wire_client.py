@@ -40,6 +40,7 @@ class WireSession:
         self.seen: dict[str, dict[int, float]] = {}  # tag -> word count in one element -> first arrival (epoch s)
         self.words: dict[str, dict[str, float]] = {}  # tag -> tagged word -> first arrival, in any element
         self.elements: list[tuple[float, tuple[int, ...], str]] = []  # (arrival, delta path, element type)
+        self.alerts: list[str] = []  # the text of every alert (warning, error, ...) sent
         self.bytes_received = 0
         self.markdown_bytes = 0  # bytes of Markdown text in the elements received
         self.messages = 0
@@ -61,11 +62,21 @@ class WireSession:
         if not self._ready.wait(timeout):
             raise TimeoutError("the first script run did not finish")
 
-    def chat(self, text: str) -> None:
-        """Submit ``text`` in the chat input, as pressing Enter does."""
+    def chat(self, text: str, with_tick: bool = False) -> None:
+        """Submit ``text`` in the chat input, as pressing Enter does.
+
+        ``with_tick``: as the page sends it when the refresh trigger ticks in
+        the same moment, in one rerun of the trigger's fragment (the page
+        batches the widget changes of a moment, and the first fragment named
+        in a batch scopes all of it).
+        """
         state = WidgetState(id=self._chat_input_id)
         state.chat_input_value.data = text
-        self._rerun([state])
+        if not with_tick:
+            self._rerun([state])
+            return
+        tick, fragment_id = self._next_tick()
+        self._rerun([state, tick], fragment_id)
 
     def close(self) -> None:
         self._clock.forget(self)
@@ -85,14 +96,20 @@ class WireSession:
         with self._lock:
             if self._refresh is None:
                 return
-            widget_id, interval_ms, fragment_id = self._refresh
-            self._ticks += 1
-            state = WidgetState(id=widget_id, json_value=json.dumps(self._ticks))
+            interval_ms = self._refresh[1]
+        state, fragment_id = self._next_tick()
         self._clock.schedule(self, due + interval_ms / 1000)
         try:
             self._rerun([state], fragment_id)
         except Exception:  # closed meanwhile
             pass
+
+    def _next_tick(self) -> tuple[WidgetState, str]:
+        """The refresh trigger's next value, and its fragment."""
+        with self._lock:
+            widget_id, _, fragment_id = self._refresh
+            self._ticks += 1
+            return WidgetState(id=widget_id, json_value=json.dumps(self._ticks)), fragment_id
 
     def _read(self) -> None:
         try:
@@ -120,6 +137,8 @@ class WireSession:
         if which == "markdown":
             self.markdown_bytes += len(element.markdown.body.encode())
             self._note_words(element.markdown.body, now)
+        elif which == "alert":
+            self.alerts.append(element.alert.body)
         elif which == "chat_input":
             self._chat_input_id = element.chat_input.id
         elif which == "component_instance" and "autorefresh" in element.component_instance.component_name:
