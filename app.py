@@ -55,9 +55,9 @@ PAGE_MESSAGES = 30  # messages a page shows at first; "Show earlier messages" ad
 LIVE_MESSAGES = 100  # the most the live area draws
 FULL_RUN_FOLLOWS_S = 2.0  # how long a full run follows the room before it ends
 HANDOVER_TICK_MS = 1_000  # a full run's refresh tick, which starts live_area's fragment run
-SPARE_TICK_MS = 30_000  # later ticks only restart live_area should its run ever stop
 FRAME_S = 0.05  # at most one redraw of the asker's streaming reply per 50 ms
 WAIT_S = 0.5  # the longest live_area waits before it lets Streamlit stop it
+RETRY_S = 3.0  # how long live_area waits before it tries an unreachable database again
 FOLD_AT = 10  # settled messages the live area holds before the page takes them over, once the room is quiet
 FOLD_QUIET_S = 3.0  # how long nothing must change first: a fold redraws the page, which delays the next message
 FOLD_ANYWAY_AT = 40  # ... unless the live area holds this many
@@ -404,14 +404,31 @@ def live_area(
     it ends only by folding what has settled into the page with a full run,
     or when Streamlit stops it because the person did something. Without a
     browser (Streamlit's AppTest) it returns once the asker's own reply has
-    ended.
+    ended. While the database cannot be reached, it says so and starts again
+    every few seconds: no tick would start it again.
     """
+    trouble = st.empty()  # a fixed place, which the next run empties
+    try:
+        follow_room(room, name, tab, after_id, questions, stats_place, until)
+    except (StoreError, sqlite3.Error):
+        trouble.warning("The chat database cannot be reached just now; trying again…")
+        time.sleep(RETRY_S)
+        st.rerun(scope="fragment")
+
+
+def follow_room(
+    room: str, name: str, tab: str, after_id: int, questions: dict[int, Message], stats_place, until: float
+) -> None:
+    """live_area's run: draw what is newer than ``after_id`` and keep it up to date."""
     _, store, worker = backend()
     full_run = time.time() < until
     with st.container(key="refresh-trigger"):
-        # Steady ticks (no debounce), which queue behind a run while it lasts:
-        # within the two seconds a full run follows the room, then rarely.
-        st_autorefresh(interval=HANDOVER_TICK_MS if full_run else SPARE_TICK_MS, debounce=False, key="refresh")
+        # Steady ticks (no debounce) while a full run follows the room: they
+        # queue behind it and carry on in a run of this fragment. Then none
+        # (a limit the count has passed): the page sends whatever the person
+        # does in the same moment as a tick together with it, as a run of
+        # this fragment, which would wait behind this run, which does not end.
+        st_autorefresh(interval=HANDOVER_TICK_MS, limit=None if full_run else 1, debounce=False, key="refresh")
     tail = Tail(Places(st.container(), "live_places"), name, questions)
     in_browser = bool(st.context.headers)
     changes = store.changes()

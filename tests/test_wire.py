@@ -20,10 +20,11 @@ from wire_client import TAGGED_WORD, TickClock, WireSession
 def connect(app):
     clock, sessions = TickClock(), []
 
-    def connect(room: str, name: str) -> WireSession:
+    def connect(room: str, name: str, ready: bool = True) -> WireSession:
         session = WireSession(app.url, f"room={room}&name={name}&tab={uuid.uuid4().hex[:16]}", clock)
         sessions.append(session)
-        session.wait_ready()
+        if ready:
+            session.wait_ready()
         return session
 
     yield connect
@@ -111,11 +112,43 @@ def test_a_long_reply_costs_its_readers_bytes_in_proportion_to_its_length(app, m
 
 def test_a_message_sent_with_a_refresh_tick_is_answered_by_the_whole_page(app, model, connect):
     """The page sends a message and a refresh tick of the same moment as one run of the live
-    area alone; what the message needs drawn outside it, such as a refusal, is drawn still."""
-    person = connect("ticked", "Ada")
+    area alone; what the message needs drawn outside it, such as a refusal, is drawn still.
+    The trigger ticks only while a full run follows the room: in the live area's own run,
+    which does not end, such a run would wait for ever."""
+    person = connect("ticked", "Ada", ready=False)
+    wait_until(lambda: person.ticking, timeout=30)  # the first full run has drawn the trigger
     person.chat("x" * 4_001, with_tick=True)
     wait_until(lambda: any("4,001 characters long" in alert for alert in person.alerts), timeout=10)
     assert Store(app.db).recent("ticked") == []  # and nothing was stored
     model.enqueue(Reply(tagged=24, delay_s=0.01))
-    person.chat("@gpt r4", with_tick=True)
+    person.chat("@gpt r4", with_tick=True)  # within the 2 s the refusal's full run follows the room
     wait_until(lambda: 24 in person.seen.get("r4", {}) and answered(app, "ticked", "r4", words=24))
+    # Once the live area's own run has taken over, the trigger is still.
+    wait_until(lambda: not person.ticking, timeout=10)
+    ticks = person.ticks
+    time.sleep(2.5)  # the trigger's interval is 1 s
+    assert person.ticks == ticks
+
+
+def test_a_page_rides_out_the_database_cutting_its_connections(start_app, postgres):
+    """The live area's run, which no tick restarts, tries the database again until it answers."""
+    import psycopg
+
+    from store import open_store
+
+    url = postgres.new_database()
+    app = start_app(DATABASE_URL=url)
+    clock = TickClock()
+    viewer = WireSession(app.url, f"room=cut&name=Bea&tab={uuid.uuid4().hex[:16]}", clock)
+    try:
+        viewer.wait_ready()
+        wait_until(lambda: not viewer.ticking)  # in the live area's own run
+        with psycopg.connect(url, autocommit=True) as conn:  # every connection of the app's, pooled and listening
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        store = open_store(url)
+        store.add_message("cut", "Ada", "r5w0 r5w1 r5w2")
+        wait_until(lambda: 3 in viewer.seen.get("r5", {}), timeout=30)
+    finally:
+        viewer.close()
+        clock.stop()

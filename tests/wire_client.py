@@ -47,8 +47,10 @@ class WireSession:
         self.runs: list[float] = []  # when each script run (full or fragment) finished
         self._clock = clock
         self._lock = threading.Lock()
-        self._refresh: tuple[str, int, str] | None = None  # component widget id, interval ms, fragment id
-        self._ticks = 0
+        # The refresh trigger: component widget id, interval ms, fragment id, limit (0 for none).
+        self._refresh: tuple[str, int, str, int] | None = None
+        self._ticks = 0  # the trigger's count, as the iframe keeps it
+        self.ticks = 0  # the ticks sent
         self._chat_input_id: str | None = None
         self._ready = threading.Event()
         self._ws = connect(f"ws://{parts.netloc}/_stcore/stream", subprotocols=["streamlit"],
@@ -68,15 +70,23 @@ class WireSession:
         ``with_tick``: as the page sends it when the refresh trigger ticks in
         the same moment, in one rerun of the trigger's fragment (the page
         batches the widget changes of a moment, and the first fragment named
-        in a batch scopes all of it).
+        in a batch scopes all of it). Only while the trigger ticks.
         """
         state = WidgetState(id=self._chat_input_id)
         state.chat_input_value.data = text
         if not with_tick:
             self._rerun([state])
             return
-        tick, fragment_id = self._next_tick()
-        self._rerun([state, tick], fragment_id)
+        tick = self._next_tick()
+        if tick is None:
+            raise RuntimeError("the refresh trigger has stopped: the page sends no tick")
+        self._rerun([state, tick[0]], tick[1])
+
+    @property
+    def ticking(self) -> bool:
+        """Whether the refresh trigger is drawn and its interval runs (its limit not reached)."""
+        with self._lock:
+            return self._refresh is not None and not (self._refresh[3] and self._ticks + 1 >= self._refresh[3])
 
     def close(self) -> None:
         self._clock.forget(self)
@@ -93,22 +103,26 @@ class WireSession:
 
     def tick(self, due: float) -> None:
         """What the autorefresh iframe does when its interval (a setInterval) runs out."""
-        with self._lock:
-            if self._refresh is None:
-                return
-            interval_ms = self._refresh[1]
-        state, fragment_id = self._next_tick()
-        self._clock.schedule(self, due + interval_ms / 1000)
+        tick = self._next_tick()
+        if tick is None:
+            return  # stopped (its limit passed), until it is drawn without one
+        self._clock.schedule(self, due + self._refresh[1] / 1000)
         try:
-            self._rerun([state], fragment_id)
+            self._rerun([tick[0]], tick[1])
         except Exception:  # closed meanwhile
             pass
 
-    def _next_tick(self) -> tuple[WidgetState, str]:
-        """The refresh trigger's next value, and its fragment."""
+    def _next_tick(self) -> tuple[WidgetState, str] | None:
+        """The refresh trigger's next value and its fragment, as the iframe counts
+        (a count that reaches the limit stops it instead), or None."""
         with self._lock:
-            widget_id, _, fragment_id = self._refresh
+            if self._refresh is None:
+                return None
+            widget_id, _, fragment_id, limit = self._refresh
             self._ticks += 1
+            if limit and self._ticks >= limit:
+                return None
+            self.ticks += 1
             return WidgetState(id=widget_id, json_value=json.dumps(self._ticks)), fragment_id
 
     def _read(self) -> None:
@@ -143,11 +157,12 @@ class WireSession:
             self._chat_input_id = element.chat_input.id
         elif which == "component_instance" and "autorefresh" in element.component_instance.component_name:
             args = json.loads(element.component_instance.json_args)
-            refresh = (element.component_instance.id, int(args["interval"]), message.delta.fragment_id)
+            refresh = (element.component_instance.id, int(args["interval"]), message.delta.fragment_id,
+                       int(args.get("limit") or 0))
             with self._lock:
                 changed, self._refresh = refresh != self._refresh, refresh
-            # The iframe restarts its interval when the interval changes, and
-            # with debounce (the default) at every render.
+            # The iframe restarts its interval when the interval or limit
+            # changes, and with debounce (the default) at every render.
             if changed or args.get("debounce", True):
                 self._clock.schedule(self, now + refresh[1] / 1000)
 
