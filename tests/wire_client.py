@@ -86,7 +86,12 @@ class WireSession:
     def ticking(self) -> bool:
         """Whether the refresh trigger is drawn and its interval runs (its limit not reached)."""
         with self._lock:
-            return self._refresh is not None and not (self._refresh[3] and self._ticks + 1 >= self._refresh[3])
+            return self._refresh is not None and not self._past_limit(self._ticks + 1)
+
+    def _past_limit(self, count: int) -> bool:
+        """Whether the iframe stops at ``count`` instead of sending it (its limit, if any, reached)."""
+        limit = self._refresh[3]
+        return bool(limit) and count >= limit
 
     def close(self) -> None:
         self._clock.forget(self)
@@ -118,9 +123,9 @@ class WireSession:
         with self._lock:
             if self._refresh is None:
                 return None
-            widget_id, _, fragment_id, limit = self._refresh
+            widget_id, _, fragment_id, _ = self._refresh
             self._ticks += 1
-            if limit and self._ticks >= limit:
+            if self._past_limit(self._ticks):
                 return None
             self.ticks += 1
             return WidgetState(id=widget_id, json_value=json.dumps(self._ticks)), fragment_id
