@@ -56,6 +56,7 @@ LIVE_MESSAGES = 100  # the most the live area draws
 FULL_RUN_FOLLOWS_S = 2.0  # how long a full run follows the room before it ends
 HANDOVER_TICK_MS = 1_000  # a full run's refresh tick, which starts live_area's fragment run
 FRAME_S = 0.05  # at most one redraw of the asker's streaming reply per 50 ms
+ROOM_FRAME_S = 0.25  # at most one redraw of the room per 250 ms, for a page waiting on it
 WAIT_S = 0.5  # the longest live_area waits before it lets Streamlit stop it
 RETRY_S = 3.0  # how long live_area waits before it tries an unreachable database again
 FOLD_AT = 10  # settled messages the live area holds before the page takes them over, once the room is quiet
@@ -459,7 +460,13 @@ def follow_room(
         elif full_run and time.time() >= until:
             return  # the full run ends; the tick queued meanwhile carries on in a fragment run
         else:
-            store.wait_for_change(changes, min(WAIT_S, until - time.time()) if full_run else WAIT_S)
+            # Changes that come close together are drawn together: while
+            # replies are written, every page in the room would otherwise
+            # wake at each of their sentences, all at once.
+            timeout = min(WAIT_S, until - time.time()) if full_run else WAIT_S
+            rest = max(0.0, min(timeout, changed_at + ROOM_FRAME_S - time.monotonic()))
+            time.sleep(rest)
+            store.wait_for_change(changes, timeout - rest)
         if store.changes() != changes:
             changes = store.changes()
             version = store.cached_version(room)

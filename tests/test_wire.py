@@ -92,6 +92,24 @@ def test_a_viewer_is_sent_each_stored_step_in_place(app, model, connect):
     assert [at for at in viewer.runs if asked <= at <= last] == []
 
 
+def test_a_viewer_draws_changes_that_come_close_together_at_once(app, model, connect):
+    """Each stored sentence wakes every page in the room. A page waiting on the
+    room draws at most once per ROOM_FRAME_S (0.25 s) whatever came meanwhile, so
+    many replies written at once cost their viewers in proportion to time, not
+    to sentences; the asker still sees its own reply token by token."""
+    viewer, asker = connect("busy", "Bea"), connect("busy", "Ada")
+    sentences = [" ".join(f"r5w{n + i}" for i in range(4)) + "." for n in range(0, 160, 4)]
+    model.enqueue(Reply(pieces=as_pieces(sentences), delay_s=0.01))  # 40 sentences in 1.6 s
+    asker.chat("@gpt r5")
+    wait_until(lambda: answered(app, "busy", "r5", words=160) and 160 in viewer.seen.get("r5", {}), timeout=30)
+    stored_steps = len(stored_reply(app.db, "busy")["chunks"])
+    assert stored_steps >= 30, stored_steps
+    drawn = sorted(viewer.seen["r5"].values())  # when each new state of the reply arrived
+    span = drawn[-1] - drawn[0]
+    assert 3 <= len(drawn) <= span / 0.25 + 2, (len(drawn), span)
+    assert len(asker.seen["r5"]) > len(drawn)
+
+
 def test_a_long_reply_costs_its_readers_bytes_in_proportion_to_its_length(app, model, connect):
     """Finished Markdown blocks are sent once; only the block being written is sent again."""
     paragraphs = [" ".join(f"r3w{n * 50 + i}" for i in range(50)) + "." for n in range(40)]
