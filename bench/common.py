@@ -104,7 +104,8 @@ class App:
             self.process.kill()
             raise RuntimeError(f"{self.script.name} did not start")
         self.proxy = CountingProxy(port)
-        self.url = f"http://127.0.0.1:{self.proxy.port}"
+        self.url = f"http://127.0.0.1:{self.proxy.port}"  # bytes counted
+        self.direct_url = f"http://127.0.0.1:{port}"  # for many sessions: the proxy relays in Python
         return self
 
     def cpu(self) -> float:
