@@ -116,9 +116,13 @@ def watch(sessions: list[tuple[str, str]], conn) -> None:
     """A viewer process: open the (url, name) sessions, say when all are ready,
     and when told, send back what each saw (``WireSession.seen``) and close them."""
     clock = TickClock()
-    watchers = [session(url, clock, name) for url, name in sessions]
-    for s in watchers:
-        s.wait_ready()
+    try:
+        watchers = [session(url, clock, name) for url, name in sessions]
+        for s in watchers:
+            s.wait_ready()
+    except Exception as error:  # told to the measuring process, which stops
+        conn.send(f"{type(error).__name__}: {error}")
+        raise
     conn.send("ready")
     conn.recv()
     conn.send([s.seen for s in watchers])
@@ -142,8 +146,9 @@ class Viewers:
 
     def wait_ready(self, timeout: float = 120) -> None:
         for _, conn in self.processes:
-            if not conn.poll(timeout) or conn.recv() != "ready":
-                raise RuntimeError("viewer sessions did not start")
+            said = conn.recv() if conn.poll(timeout) else f"nothing in {timeout} s"
+            if said != "ready":
+                raise RuntimeError(f"viewer sessions did not start: {said}")
 
     def cpu(self) -> float:
         return sum(cpu_seconds(process.pid) for process, _ in self.processes)

@@ -53,6 +53,7 @@ class WireSession:
         self.ticks = 0  # the ticks sent
         self._chat_input_id: str | None = None
         self._ready = threading.Event()
+        self._started = 0  # runs started
         self._ws = connect(f"ws://{parts.netloc}/_stcore/stream", subprotocols=["streamlit"],
                            max_size=None, open_timeout=30, legacy=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -60,7 +61,12 @@ class WireSession:
         self._rerun()
 
     def wait_ready(self, timeout: float = 60) -> None:
-        """Until the first run has finished and the chat input is known."""
+        """Until the first run is over and the chat input is known.
+
+        Over: finished, or followed by another run. A tick that reaches
+        Streamlit just as a run ends gets a new script runner, and the
+        ending runner's "finished" is then never sent.
+        """
         if not self._ready.wait(timeout):
             raise TimeoutError("the first script run did not finish")
 
@@ -146,6 +152,11 @@ class WireSession:
         if kind == "script_finished":
             self.runs.append(now)
             if self._chat_input_id:
+                self._ready.set()
+            return
+        if kind == "new_session":  # a run starts
+            self._started += 1
+            if self._started > 1 and self._chat_input_id:
                 self._ready.set()
             return
         if kind != "delta" or message.delta.WhichOneof("type") != "new_element":
