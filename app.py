@@ -40,6 +40,7 @@ import uuid
 from collections.abc import Callable, Iterable
 
 import streamlit as st
+from streamlit.delta_generator import DeltaGenerator
 from streamlit_autorefresh import st_autorefresh
 
 from llm import model_from_settings
@@ -341,7 +342,8 @@ def render_message(message: Message, name: str, retry_button: Callable[[Message]
 
 
 class Places:
-    """Places for messages in a container, taken in order, each an ``st.empty()``.
+    """Places for messages in a container, taken in order: each an ``st.empty()``
+    to draw over (``take``), or what is drawn there at once (``put``).
 
     Streamlit clears what a run no longer draws only when the run finishes,
     and the live area's runs do not finish: so once a run has drawn what it
@@ -357,12 +359,20 @@ class Places:
         self.taken = 0
 
     def take(self):
-        if self.taken == len(self.places):
-            with self.container:
-                self.places.append(st.empty())
+        return self.put(lambda place: place.empty())
+
+    def put(self, draw: Callable[[DeltaGenerator], DeltaGenerator]) -> DeltaGenerator:
+        """What ``draw(place)`` draws on the next place: exactly one element or block,
+        which it returns. A new place is not first drawn empty: one message to the
+        browser instead of two."""
+        if self.taken < len(self.places):  # a place cover() drew empty
+            drawn = draw(self.places[self.taken])
+        else:
+            drawn = draw(self.container)  # the container's next element
+            self.places.append(drawn)
             self._remember()
         self.taken += 1
-        return self.places[self.taken - 1]
+        return drawn
 
     def cover(self) -> None:
         with self.container:
@@ -518,7 +528,7 @@ class Tail:
             if message.role == "user":
                 self.questions[message.id] = message
             if message.id not in self.bubbles:
-                self.bubbles[message.id] = Bubble(self.places.take(), message, self.name)
+                self.bubbles[message.id] = Bubble(self.places, message, self.name)
             if mine is not None and message.id == mine.message_id:
                 continue  # drawn from memory by follow()
             self.bubbles[message.id].show(message)
@@ -570,11 +580,15 @@ class Bubble:
     """One message in the live area: drawn once, then updated in place as it grows.
 
     Its places never change: author line, text (one element per Markdown
-    block, see BlockView), note. So it only ever grows on the page, which
-    matters in a run that does not end (nothing it stops drawing is cleared).
+    block, see BlockView), note (from the first one on). So it only ever
+    grows on the page, which matters in a run that does not end (nothing it
+    stops drawing is cleared). Each element is drawn straight into its
+    place, not as an empty placeholder first: when questions arrive, every
+    page in the room draws them at once, and each message to the browsers
+    delays the asker's first words on the server.
     """
 
-    def __init__(self, place, message: Message, name: str):
+    def __init__(self, places: Places, message: Message, name: str):
         self.name = name
         self.own = message.role == "user" and message.author == name
         if message.role == "assistant":
@@ -583,9 +597,12 @@ class Bubble:
             who, avatar = "user", OWN_AVATAR
         else:
             who, avatar = message.author, OTHER_AVATAR
-        with place.container(), st.chat_message(who, avatar=avatar):  # inside its place, which cover() can empty
-            self.label_place, self.blocks, self.note_place = st.empty(), BlockView(st.container()), st.empty()
-        self.label = self.note = None
+        # The note, when there is one, comes after the text's container.
+        self.bubble = places.put(lambda place: place.chat_message(who, avatar=avatar))
+        with self.bubble:
+            self.label = self._label_for(message)
+            self.label_place, self.blocks = st.caption(self.label), BlockView(st.container())
+        self.note_place, self.note = None, None
 
     @property
     def text(self) -> str:
@@ -594,8 +611,7 @@ class Bubble:
     def show(self, message: Message) -> None:
         """Draw the message as stored, where it changed."""
         writing = message.status == "streaming"
-        self._label(f"**{escape_markdown(message.author)}**" + (" · you" if self.own else "")
-                    + (" · writing…" if writing else ""))
+        self._label(self._label_for(message))
         self.blocks.show(message.text, live=writing)
         if writing and not message.text:
             self._note(thinking(message.created_at))
@@ -610,18 +626,26 @@ class Bubble:
         self._note(None if text else thinking(started_at))
         return self.blocks.show(text, live=True)
 
+    def _label_for(self, message: Message) -> str:
+        return (f"**{escape_markdown(message.author)}**" + (" · you" if self.own else "")
+                + (" · writing…" if message.status == "streaming" else ""))
+
     def _label(self, label: str) -> None:
         if label != self.label:
             self.label_place.caption(label)
             self.label = label
 
     def _note(self, note: str | None) -> None:
-        if note != self.note:
-            if note:
-                self.note_place.caption(note)
-            else:
-                self.note_place.empty()
-            self.note = note
+        if note == self.note:
+            return
+        if self.note_place is None:
+            with self.bubble:
+                self.note_place = st.caption(note)
+        elif note:
+            self.note_place.caption(note)
+        else:
+            self.note_place.empty()
+        self.note = note
 
 
 class BlockView:
@@ -681,11 +705,12 @@ class BlockView:
         return time.monotonic() - self._last_drawn_at >= wait
 
     def _draw(self, index: int, body: str) -> None:
-        while len(self.places) <= index:
+        if index == len(self.places):  # a new block (they come in order): its first element is its place
             with self.container:
-                self.places.append(st.empty())
-            self.drawn.append("")
-        if body != self.drawn[index]:
+                self.places.append(st.markdown(body) if body.strip() else st.empty())
+            self.drawn.append(body)
+            self._last_drawn_at = time.monotonic()
+        elif body != self.drawn[index]:
             if body.strip():
                 self.places[index].markdown(body)
             else:

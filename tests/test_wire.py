@@ -41,6 +41,19 @@ def fill(db, room: str, questions: int) -> None:
         store.finish_reply(reply.id, "complete", last_chunk=f"Answer {i}.")
 
 
+def quiet(session: WireSession, for_s: float = 0.5) -> int:
+    """The messages the session has received, once none has come for ``for_s`` seconds."""
+    last = [session.messages, time.monotonic()]
+
+    def still() -> bool:
+        if session.messages != last[0]:
+            last[:] = [session.messages, time.monotonic()]
+        return time.monotonic() - last[1] >= for_s
+
+    wait_until(still, timeout=10)
+    return last[0]
+
+
 def answered(app, room: str, tag: str, words: int = 48) -> bool:
     """Whether the newest reply in ``room`` is complete, with ``words`` words tagged ``tag``."""
     reply = stored_reply(app.db, room)
@@ -108,6 +121,21 @@ def test_a_viewer_draws_changes_that_come_close_together_at_once(app, model, con
     span = drawn[-1] - drawn[0]
     assert 3 <= len(drawn) <= span / 0.25 + 2, (len(drawn), span)
     assert len(asker.seen["r5"]) > len(drawn)
+
+
+def test_a_new_message_reaches_a_viewer_in_a_few_messages(app, connect):
+    """When questions arrive, every page in the room draws them at once; each
+    new bubble is drawn straight into its place (no empty placeholder first,
+    no note until there is one): a handful of messages to each browser."""
+    viewer = connect("arrivals", "Bea")
+    wait_until(lambda: not viewer.ticking, timeout=30)  # in the live area's own run
+    received = quiet(viewer)  # that run has drawn what it draws at its start
+    store = Store(app.db)
+    for n in range(60, 70):
+        store.add_message("arrivals", "Ada", f"r{n}w0 r{n}w1")
+    wait_until(lambda: all(2 in viewer.seen.get(f"r{n}", {}) for n in range(60, 70)), timeout=10)
+    # Each: the chat bubble, its author line, the container of its text, the text.
+    assert quiet(viewer) - received <= 10 * 4 + 2, viewer.messages - received
 
 
 def test_a_long_reply_costs_its_readers_bytes_in_proportion_to_its_length(app, model, connect):
