@@ -280,28 +280,28 @@ def render_sidebar(settings: Settings, worker: ReplyWorker, room: str, name: str
         return st.empty()
 
 
-def render_stats(reply: LiveReply | None) -> None:
-    st.markdown("**Latest reply**")
+def stats_parts(reply: LiveReply | None) -> list[tuple[str, str] | None]:
+    """The stats panel's four parts, each (``"markdown"`` or ``"caption"``, text) or None:
+    heading, state, figures, the provider's count."""
+    heading = ("markdown", "**Latest reply**")
     if reply is None:
-        st.caption("No reply in this room since the server started.")
-        return
+        return [heading, ("caption", "No reply in this room since the server started."), None, None]
     stats: ReplyStats = reply.stats
-    if not reply.done:
-        st.caption("Still being written: figures so far.")
-    st.markdown(
+    state = None if reply.done else ("caption", "Still being written: figures so far.")
+    figures = ("markdown", (
         f"{stats.tokens:,} tokens streamed · {stats.chunks:,} chunks persisted · "
         f"{stats.bytes_written:,} bytes written to the database in {stats.commits:,} commits\n\n"
         "| to persist it by | bytes written |\n|---|---:|\n"
         f"| appending each sentence (this app) | {stats.bytes_written:,} |\n"
         f"| rewriting the text at each sentence | {stats.seed_bytes:,} |\n"
         f"| rewriting the text at each token | {stats.per_token_bytes:,} |"
-    )
-    if (usage := reply.usage) is not None:
-        reasoning = f", {usage.reasoning_tokens:,} of them reasoning" if usage.reasoning_tokens else ""
-        st.caption(
-            f"The provider counted {usage.prompt_tokens:,} prompt tokens and "
-            f"{usage.completion_tokens:,} completion tokens{reasoning}."
-        )
+    ))
+    usage = None
+    if (counted := reply.usage) is not None:
+        reasoning = f", {counted.reasoning_tokens:,} of them reasoning" if counted.reasoning_tokens else ""
+        usage = ("caption", f"The provider counted {counted.prompt_tokens:,} prompt tokens and "
+                            f"{counted.completion_tokens:,} completion tokens{reasoning}.")
+    return [heading, state, figures, usage]
 
 
 def render_message(message: Message, name: str, retry_button: Callable[[Message], None] | None = None) -> None:
@@ -488,12 +488,15 @@ class StatsPanel:
 
     While a reply is written they are redrawn at most once a second, as the
     panel is several times the size of a sentence; when it ends, at once.
+    Only the parts that changed are sent again (stats_parts).
     """
 
     def __init__(self, place):
         self.place = place
         self.shown: tuple | None = ()  # never (): the first show() draws
         self.drawn_at = 0.0
+        self.places: list[DeltaGenerator] = []
+        self.parts: list[tuple[str, str] | None] = []
 
     def show(self, reply: LiveReply | None) -> None:
         figures = reply and (reply.message_id, reply.done, reply.stats.chunks)
@@ -501,9 +504,23 @@ class StatsPanel:
             return
         if figures and self.shown and figures[:2] == self.shown[:2] and time.monotonic() - self.drawn_at < STATS_EVERY_S:
             return  # the same reply, still being written, drawn less than a second ago
-        with self.place.container():
-            render_stats(reply)
+        parts = stats_parts(reply)
+        if not self.places:
+            with self.place.container():
+                self.places = [self._draw(st, part) for part in parts]
+        else:
+            for index, part in enumerate(parts):
+                if part != self.parts[index]:
+                    self._draw(self.places[index], part)
+        self.parts = parts
         self.shown, self.drawn_at = figures, time.monotonic()
+
+    @staticmethod
+    def _draw(place, part: tuple[str, str] | None) -> DeltaGenerator:
+        if part is None:
+            return place.empty()
+        kind, text = part
+        return place.markdown(text) if kind == "markdown" else place.caption(text)
 
 
 class Tail:

@@ -138,6 +138,28 @@ def test_a_new_message_reaches_a_viewer_in_a_few_messages(app, connect):
     assert quiet(viewer) - received <= 10 * 4 + 2, viewer.messages - received
 
 
+def test_a_viewers_stats_panel_resends_only_its_figures(app, model, connect):
+    """While a reply is written the sidebar's figures are redrawn once a second on
+    every page in the room: only the part that changed is sent again."""
+    viewer, asker = connect("figures", "Bea"), connect("figures", "Ada")
+    wait_until(lambda: not viewer.ticking, timeout=30)
+    quiet(viewer)
+    start = len(viewer.elements)
+    model.enqueue(Reply(tagged=150, delay_s=0.03))  # 4.5 s
+    asker.chat("@gpt r7")
+    wait_until(lambda: answered(app, "figures", "r7", words=150), timeout=30)
+    quiet(viewer)
+    redraws: list[list[float]] = []  # the sidebar's elements, grouped by the redraw that sent them
+    for at, path, _ in viewer.elements[start:]:
+        if path[0] == 1:
+            if redraws and at - redraws[-1][-1] < 0.3:
+                redraws[-1].append(at)
+            else:
+                redraws.append([at])
+    # Between the reply's first figures and its last: the figures alone, one element.
+    assert len(redraws) >= 4 and all(len(redraw) == 1 for redraw in redraws[1:-1]), [len(r) for r in redraws]
+
+
 def test_a_long_reply_costs_its_readers_bytes_in_proportion_to_its_length(app, model, connect):
     """Finished Markdown blocks are sent once; only the block being written is sent again."""
     paragraphs = [" ".join(f"r3w{n * 50 + i}" for i in range(50)) + "." for n in range(40)]
