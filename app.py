@@ -722,18 +722,17 @@ class BlockView:
         return time.monotonic() - self._last_drawn_at >= wait
 
     def _draw(self, index: int, body: str) -> None:
-        if index == len(self.places):  # a new block (they come in order): its first element is its place
-            with self.container:
-                self.places.append(st.markdown(body) if body.strip() else st.empty())
+        new = index == len(self.places)  # a new block (they come in order): its first element is its place
+        if not new and body == self.drawn[index]:
+            return
+        place = self.container if new else self.places[index]
+        drawn = place.markdown(body) if body.strip() else place.empty()
+        if new:
+            self.places.append(drawn)
             self.drawn.append(body)
-            self._last_drawn_at = time.monotonic()
-        elif body != self.drawn[index]:
-            if body.strip():
-                self.places[index].markdown(body)
-            else:
-                self.places[index].empty()
+        else:
             self.drawn[index] = body
-            self._last_drawn_at = time.monotonic()
+        self._last_drawn_at = time.monotonic()
 
 
 def stop(worker: ReplyWorker, room: str, tab: str) -> None:
