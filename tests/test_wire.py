@@ -7,13 +7,15 @@ server; the session speaks Streamlit's protocol as the page does.
 import itertools
 import time
 import uuid
+from collections import Counter
 
 import pytest
+from hypothesis import example, given, strategies as st
 
 from fake_openai import Reply
 from live import as_pieces, stored_reply, wait_until
 from store import Store
-from wire_client import TAGGED_WORD, TickClock, WireSession
+from wire_client import TAGGED_WORD, TickClock, WireSession, tagged_words
 
 
 @pytest.fixture
@@ -31,6 +33,18 @@ def connect(app):
     for session in sessions:
         session.close()
     clock.stop()
+
+
+@given(st.lists(st.tuples(st.sampled_from(["r1w1", "r1w22", "r12w3", "r2w4", "xr1w5", "5r1w6", "r1wx", "r1w", "w",
+                                          "answer", "**r1w7**", "@gpt", "r1"]),
+                          st.sampled_from([" ", "\n", ". ", "\n\n", "", "-"]))))
+@example([("r1w1", " "), ("xr1w5", "")])  # not at a word's start
+@example([("r1w1", " "), ("r1wx", "")])  # no number
+@example([("r1w1", ""), ("r1w1", "")])  # two glued into one word
+def test_the_sessions_word_count_is_the_patterns(parts):
+    """What a session counts in a Markdown body (quickly, for a reply's block) is what TAGGED_WORD finds."""
+    body = "".join(word + separator for word, separator in parts)
+    assert tagged_words(body) == Counter(TAGGED_WORD.findall(body))
 
 
 def fill(db, room: str, questions: int) -> None:
