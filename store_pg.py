@@ -188,8 +188,12 @@ class PgStore(ChangeWaiting):
             conninfo_to_dict(url)
         except psycopg.Error as error:
             raise DatabaseUnavailable(f"DATABASE_URL is not a usable PostgreSQL URL ({_without_secrets(error, url)}).") from None
+        # Each connection is checked (one empty query) before it is lent: hosted servers close idle
+        # connections (restarts, a pooler's idle timeout, a serverless database going to sleep),
+        # and a closed one would otherwise fail the next person's message.
         self.pool = ConnectionPool(
             url, min_size=1, max_size=pool_size, open=False, name="chat", timeout=connect_timeout_s * 2,
+            check=ConnectionPool.check_connection,
             kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": max(1, round(connect_timeout_s))},
         )
         try:

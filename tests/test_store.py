@@ -559,3 +559,21 @@ def test_a_lost_postgresql_database_is_reported_without_its_password(postgres):
         store.add_message("general", "Ada", "after")
     assert "secret-pw-42" not in str(lost.value) and "127.0.0.1" in str(lost.value)
     store.close()
+
+
+@pytest.mark.engines("postgresql")
+def test_connections_the_server_closed_while_idle_are_not_lent_again(store):
+    """Hosted servers close idle connections (a restart, a pooler's idle timeout, a serverless
+    database going to sleep): the next write still lands, on a fresh connection."""
+    import psycopg
+
+    store.add_message("general", "Ada", "before")
+    with psycopg.connect(store.url, autocommit=True) as admin:
+        pids = [pid for (pid,) in admin.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")]
+        admin.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", [pids])
+        wait_until(lambda: not admin.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE pid = ANY(%s)", [pids]).fetchall(), timeout=5)
+    assert pids
+    store.add_message("general", "Ada", "after")
+    assert [m.text for m in store.recent("general", 10)] == ["before", "after"]
