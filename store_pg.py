@@ -9,7 +9,11 @@ Connections come from a small pool. Every write is one transaction that ends
 with ``pg_notify('chat_changes', '<version> <room>')``, delivered when it
 commits: one listening connection per Store wakes whoever waits for a change,
 whichever process wrote it, without polling, and tells each room's new
-version, so that pages following a room learn it without asking.
+version, so that pages following a room learn it without asking. Through a
+transaction pooler (PgBouncer's transaction mode, Supavisor's port 6543,
+Neon's ``-pooler`` hosts) notifications do not arrive and prepared statements
+do not last: the store prepares none, checks that its notifications arrive,
+and where they do not, reads the rooms' versions every POLL_S instead.
 
 Every time stored (``created_at``, ``updated_at``, heartbeats) is the server's
 ``now()`` in epoch seconds, never the writing host's clock: replicas on hosts
@@ -23,6 +27,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Collection, Iterator
 
@@ -58,6 +63,8 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "chat_changes"
 LISTEN_RETRY_S = 1.0  # after the listening connection fails, before trying again
+HEAR_CHECK_S = 2.0  # how long a new listening connection waits for a notification of its own
+POLL_S = 0.25  # where notifications do not arrive: how often the rooms' versions are read
 MIGRATION_LOCK = 7_314_002  # pg_advisory_xact_lock key: one process migrates at a time
 LIMITS_LOCK = 7_314_003  # ... and one counts the reply limits and inserts a reply at a time
 CONNECT_TIMEOUT_S = 5  # a page waits at most this long for an unreachable database
@@ -145,12 +152,21 @@ def migrate(conn: psycopg.Connection) -> None:
 
 
 def _listen(store_ref: weakref.ref, url: str) -> None:
-    """Note a change at every commit anyone makes, until the Store is gone; reconnect on failure."""
+    """Note a change at every commit anyone makes, until the Store is gone; reconnect on failure.
+
+    Each listening connection first sends itself a notification through the
+    pool. Should it not arrive (a transaction pooler accepts LISTEN, then hands
+    the server connection to someone else), the store polls instead.
+    """
     reconnecting = False
     while store_ref() is not None:
         try:
-            with psycopg.connect(url, autocommit=True) as conn:
+            with psycopg.connect(url, autocommit=True, prepare_threshold=None) as conn:
                 conn.execute(f"LISTEN {CHANNEL}")
+                if not _hears_itself(store_ref, conn):
+                    log.warning("the database's change notifications do not arrive (is DATABASE_URL a "
+                                "transaction pooler?); reading the rooms' versions every %s s instead", POLL_S)
+                    break
                 if (store := store_ref()) is not None:
                     store._hearing(True)
                     if reconnecting:
@@ -158,16 +174,58 @@ def _listen(store_ref: weakref.ref, url: str) -> None:
                     del store
                 while store_ref() is not None:
                     for notice in conn.notifies(timeout=1.0, stop_after=1):
-                        if (store := store_ref()) is not None:
-                            store._note_change(_told(notice.payload))
-                        del store
-        except psycopg.Error:
+                        _heard(store_ref, notice)
+        except (psycopg.Error, DatabaseUnavailable):
             if (store := store_ref()) is not None:
                 store._hearing(False)
                 del store
             log.warning("lost the database's change notifications; listening again in %s s", LISTEN_RETRY_S)
             reconnecting = True
             time.sleep(LISTEN_RETRY_S)
+    _poll(store_ref)
+
+
+def _hears_itself(store_ref: weakref.ref, conn: psycopg.Connection) -> bool:
+    """Whether a notification sent through the store's pool reaches the listening ``conn``;
+    the notifications heard meanwhile count as usual."""
+    channel = f"chat_check_{uuid.uuid4().hex}"
+    conn.execute(f"LISTEN {channel}")
+    if (store := store_ref()) is None:
+        return True  # gone: nothing to listen for
+    with store._reading() as sender:
+        sender.execute("SELECT pg_notify(%s, '')", [channel])
+    del store
+    heard, deadline = False, time.monotonic() + HEAR_CHECK_S
+    while not heard and (left := deadline - time.monotonic()) > 0:
+        for notice in conn.notifies(timeout=left, stop_after=1):  # holds conn until it ends
+            if notice.channel == channel:
+                heard = True
+            else:
+                _heard(store_ref, notice)
+    if heard:
+        conn.execute(f"UNLISTEN {channel}")
+    return heard
+
+
+def _heard(store_ref: weakref.ref, notice: psycopg.Notify) -> None:
+    if (store := store_ref()) is not None:
+        store._note_change(_told(notice.payload))
+
+
+def _poll(store_ref: weakref.ref) -> None:
+    """Note a change whenever the rooms' versions have moved, every POLL_S, until the Store is gone."""
+    last = None  # None: unknown, as at the start and after the database was lost
+    while (store := store_ref()) is not None:
+        try:
+            with store._reading() as conn:
+                total = conn.execute("SELECT COALESCE(SUM(version), 0) AS total FROM rooms").fetchone()["total"]
+        except DatabaseUnavailable:
+            total = None
+        if total is not None and total != last:
+            store._note_change()
+        last = total
+        del store
+        time.sleep(POLL_S)
 
 
 def _told(payload: str) -> dict[str, int | None]:
@@ -194,7 +252,8 @@ class PgStore(ChangeWaiting):
         self.pool = ConnectionPool(
             url, min_size=1, max_size=pool_size, open=False, name="chat", timeout=connect_timeout_s * 2,
             check=ConnectionPool.check_connection,
-            kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": max(1, round(connect_timeout_s))},
+            kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": max(1, round(connect_timeout_s)),
+                    "prepare_threshold": None},  # a transaction pooler keeps no prepared statements
         )
         try:
             self.pool.open(wait=True, timeout=connect_timeout_s)

@@ -36,6 +36,18 @@ def postgres():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def pooler(postgres):
+    """PgBouncer in transaction mode in front of the tests' server (tests/postgres.py)."""
+    from postgres import TransactionPooler
+
+    if not os.path.exists(TransactionPooler.BINARY) and not os.environ.get("CI"):
+        pytest.skip("PgBouncer is not installed (Debian: apt-get install pgbouncer)")
+    pooler = TransactionPooler(postgres)
+    yield pooler
+    pooler.stop()
+
+
 ENGINES = ("sqlite", "postgresql")
 
 

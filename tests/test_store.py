@@ -577,3 +577,26 @@ def test_connections_the_server_closed_while_idle_are_not_lent_again(store):
     assert pids
     store.add_message("general", "Ada", "after")
     assert [m.text for m in store.recent("general", 10)] == ["before", "after"]
+
+
+def test_through_a_transaction_pooler_another_replicas_commits_are_still_noticed(postgres, pooler):
+    """Supavisor's port 6543, Neon's -pooler hosts and PgBouncer in transaction mode accept
+    LISTEN but deliver nothing, and keep no prepared statement from one transaction to the
+    next: the store notices the other replica's commits by reading the rooms' versions."""
+    from store_pg import PgStore
+
+    url = pooler.url(postgres.new_database())
+    store, other = PgStore(url), PgStore(url)
+    try:
+        for n in range(6):  # the same statements from both, more often than psycopg prepares them after
+            store.add_message("general", "Ada", f"message {n}")
+            other.add_message("general", "Bob", f"reply {n}")
+        for text in ("from another replica", "and again"):  # the second: after the polling has begun
+            version, seen = store.cached_version("general"), store.changes()
+            other.add_message("general", "Bob", text)
+            wait_until(lambda: store.wait_for_change(seen, timeout=0.5) != seen, timeout=10)
+            assert store.cached_version("general") == version + 1
+            assert store.cached_recent("general", 100, 0, version + 1)[-1].text == text
+    finally:
+        store.close()
+        other.close()

@@ -235,3 +235,25 @@ def test_a_page_rides_out_the_database_cutting_its_connections(start_app, postgr
     finally:
         viewer.close()
         clock.stop()
+
+
+def test_behind_a_transaction_pooler_a_page_sees_another_replicas_messages(start_app, postgres, pooler):
+    """Through PgBouncer in transaction mode no change notification arrives: the app reads
+    the rooms' versions instead, and a page still follows what another replica writes."""
+    from store import open_store
+
+    url = pooler.url(postgres.new_database())
+    app = start_app(DATABASE_URL=url)
+    clock = TickClock()
+    viewer = WireSession(app.url, f"room=pooled&name=Bea&tab={uuid.uuid4().hex[:16]}", clock)
+    elsewhere = open_store(url)
+    try:
+        viewer.wait_ready()
+        wait_until(lambda: not viewer.ticking)  # in the live area's own run
+        for k in range(3):
+            elsewhere.add_message("pooled", "Ada", f"r{k}w0 r{k}w1")
+            wait_until(lambda: 2 in viewer.seen.get(f"r{k}", {}), timeout=10)
+    finally:
+        elsewhere.close()
+        viewer.close()
+        clock.stop()
