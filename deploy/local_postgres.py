@@ -26,6 +26,19 @@ def binaries() -> Path | None:
     return Path(initdb).parent if initdb else None
 
 
+def as_postgres(command: list[str]) -> list[str]:
+    """``command``, run as the `postgres` user when this is root (initdb, pg_ctl and PgBouncer refuse root)."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+def hand_to_postgres(folder: Path) -> None:
+    """When this is root, make ``folder`` and all in it the `postgres` user's, who runs the servers."""
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("postgres")
+        for path in (folder, *folder.rglob("*")):
+            os.chown(path, user.pw_uid, user.pw_gid)
+
+
 class LocalPostgres:
     """A server with its data in ``folder``, on 127.0.0.1:``port``; ``durable=False`` skips fsync (tests)."""
 
@@ -38,18 +51,12 @@ class LocalPostgres:
         self.url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
 
     def _run(self, *args: str) -> None:
-        command = [str(self.bin / args[0]), *args[1:]]
-        if os.geteuid() == 0:
-            command = ["runuser", "-u", "postgres", "--", *command]
-        subprocess.run(command, check=True, capture_output=True, text=True)
+        subprocess.run(as_postgres([str(self.bin / args[0]), *args[1:]]), check=True, capture_output=True, text=True)
 
     def start(self) -> LocalPostgres:
         """Create the database cluster if the folder has none yet, and start the server."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        if os.geteuid() == 0:
-            user = pwd.getpwnam("postgres")
-            for path in (self.folder, *self.folder.rglob("*")):
-                os.chown(path, user.pw_uid, user.pw_gid)
+        hand_to_postgres(self.folder)
         if not (self.data / "PG_VERSION").exists():
             self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
                       *(() if self.durable else ("--no-sync",)))

@@ -7,15 +7,13 @@ puts PgBouncer in transaction mode in front of it, as hosted poolers are.
 
 from __future__ import annotations
 
-import os
-import pwd
 import shutil
 import subprocess
 import tempfile
 import uuid
 from pathlib import Path
 
-from deploy.local_postgres import LocalPostgres, binaries  # noqa: F401  (binaries: for conftest)
+from deploy.local_postgres import LocalPostgres, as_postgres, binaries, hand_to_postgres  # noqa: F401  (binaries: for conftest)
 from live import free_port
 
 
@@ -51,7 +49,7 @@ class TransactionPooler:
     BINARY = "/usr/sbin/pgbouncer"
 
     def __init__(self, server: LocalPostgres):
-        self.server, self.port = server, free_port()
+        self.port = free_port()
         self.folder = Path(tempfile.mkdtemp(prefix="chat-pgbouncer-"))
         (self.folder / "users.txt").write_text('"postgres" ""\n')
         (self.folder / "pgbouncer.ini").write_text(
@@ -60,13 +58,9 @@ class TransactionPooler:
             f"auth_type = trust\nauth_file = {self.folder}/users.txt\npool_mode = transaction\n"
             "default_pool_size = 3\nmax_client_conn = 200\n"
         )
-        command = [self.BINARY, "--quiet", str(self.folder / "pgbouncer.ini")]
-        if os.geteuid() == 0:  # PgBouncer refuses to run as root
-            user = pwd.getpwnam("postgres")
-            for path in (self.folder, *self.folder.iterdir()):
-                os.chown(path, user.pw_uid, user.pw_gid)
-            command = ["runuser", "-u", "postgres", "--", *command]
-        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        hand_to_postgres(self.folder)
+        self.process = subprocess.Popen(as_postgres([self.BINARY, "--quiet", str(self.folder / "pgbouncer.ini")]),
+                                        stderr=subprocess.PIPE, text=True)
         self._wait_ready()
 
     def _wait_ready(self) -> None:
