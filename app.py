@@ -129,13 +129,8 @@ def backend() -> tuple[Settings, Store, ReplyWorker]:
     try:
         store = open_store(settings.database)
     except DatabaseUnavailable as error:
-        st.error(f"{error} The page tries again when you reload it.")
-        st.stop()
-    except (sqlite3.Error, OSError) as error:
-        st.error(
-            f"The chat database at `{settings.db_path}` cannot be opened ({error}). "
-            "Set CHAT_DB_PATH to a file in a writable folder."
-        )
+        hint = "" if settings.database_url else " Set CHAT_DB_PATH to a file in a writable folder."
+        st.error(f"{error}.{hint} The page tries again when you reload it.")
         st.stop()
     return settings, store, start_worker(settings)
 

@@ -1,21 +1,23 @@
-"""SQLite storage for chat rooms, through sqlite-utils.
+"""The chat's storage: rooms, messages and replies, each rule and verb written once over an engine.
 
 A message's text lives in the ``chunks`` table, one row per persisted piece, and
 reading a message joins them in order. An assistant reply therefore grows by
 appending rows: text already stored is never rewritten, so the bytes handed to
-SQLite grow linearly with the reply.
+the database grow linearly with the reply. Every room has a version, bumped
+by every write in it, which pages compare to know whether to read again.
 
-Every thread (each Streamlit script run, each reply worker) gets its own
-connection, so WAL readers never wait for a writer. Every write is one
-``BEGIN IMMEDIATE`` transaction, which waits on ``busy_timeout`` instead of
-failing with "database is locked" halfway through.
+The database is SQLite (a file; ``engines/sqlite.py``, the default) or
+PostgreSQL (a ``postgresql://`` URL; ``engines/postgresql.py``). This module
+holds everything they share: validation, statuses, reply limits, migrations,
+the verbs, and the counter of changes that pages wait on. An engine supplies
+connections, transactions and its dialect, and tells the store of other
+processes' commits (see engines/__init__.py).
 
 Several processes (replicas) may share the database. Each one that writes
 replies beats: it records the time in ``replicas`` every few seconds, and a
 streaming reply whose owner has not beaten for ``STALE_AFTER_S`` is taken to
 be orphaned (see recover_interrupted). Times are epoch seconds from the
-database's own clock, so that replicas agree on them: SQLite is only shared on
-one host, whose clock is ``time.time()``; PostgreSQL's store asks the server.
+database's own clock, so that replicas agree on them.
 """
 
 from __future__ import annotations
@@ -24,27 +26,19 @@ import contextlib
 import os
 import re
 import socket
-import sqlite3
-import logging
 import threading
-import time
 import unicodedata
 import uuid
-import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlite_utils import Database
-
-log = logging.getLogger(__name__)
+from engines import Connection, DatabaseUnavailable, Engine, StoreError  # noqa: F401  (errors: the store's face)
 
 MAX_MESSAGE_CHARS = 4_000
 MAX_NAME_CHARS = 40
 ASSISTANT_NAME = "GPT"
-BUSY_TIMEOUT_MS = 5_000
-WATCH_S = 0.2  # how often a Store asks SQLite whether another connection committed
 
 ROOM_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
 # Names a person may not take, compared after folding case, width and
@@ -61,6 +55,8 @@ CACHED_READS = 64  # (room, after_id) reads kept for the pages that follow rooms
 BEAT_EVERY_S = 10.0  # how often a replica writing replies records that it lives
 STALE_AFTER_S = 30.0  # a replica silent this long is gone, and so are its replies
 RATE_WINDOW_S = 60.0  # the per-asker limit counts the replies started within this window
+MIGRATION_LOCK = 7_314_002  # Engine.exclusive keys: one process migrates at a time,
+LIMITS_LOCK = 7_314_003  # ... and one counts the reply limits and inserts a reply at a time
 # This process, as recorded on the replies it writes: host, pid, and a token
 # that tells it apart from an earlier process that had the same pid.
 PROCESS = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -83,16 +79,11 @@ def _pid_space() -> str | None:
 PID_SPACE = _pid_space()
 
 
-class StoreError(Exception):
-    """Something the store refused to do."""
+PID_SPACE = _pid_space()
 
 
 class InvalidInput(StoreError, ValueError):
     """Input a person can fix: the message says how."""
-
-
-class DatabaseUnavailable(StoreError):
-    """The database cannot be reached or opened now; the message says which, without secrets."""
 
 
 class NotStreaming(StoreError):
@@ -160,121 +151,7 @@ class Message:
         return self.status in FINAL_STATUSES
 
 
-# Migrations, in order; each runs once per database (see simonw/llm).
-MIGRATIONS: list[Callable[[Database], None]] = []
-migration = MIGRATIONS.append
-
-
-@migration
-def m001_initial(db: Database) -> None:
-    db["rooms"].create({"name": str, "version": int}, pk="name")
-    db["messages"].create(
-        {
-            "id": int,
-            "room": str,
-            "author": str,
-            "role": str,
-            "status": str,
-            "error": str,
-            "reply_to": int,
-            "created_at": float,
-            "updated_at": float,
-        },
-        pk="id",
-        not_null={"room", "author", "role", "status", "created_at", "updated_at"},
-    )
-    db["messages"].create_index(["room", "id"])
-    db["messages"].create_index(["status"])
-    db["chunks"].create(
-        {"message_id": int, "seq": int, "text": str},
-        pk=("message_id", "seq"),
-        foreign_keys=[("message_id", "messages", "id")],
-        not_null={"text"},
-    )
-
-
-@migration
-def m002_reply_owner(db: Database) -> None:
-    # Which process writes a streaming reply, so recovery leaves live ones alone.
-    db["messages"].add_column("owner", str)
-
-
-@migration
-def m003_usage(db: Database) -> None:
-    # What a reply cost, as the provider reported it.
-    for column in ("prompt_tokens", "completion_tokens", "reasoning_tokens"):
-        db["messages"].add_column(column, int)
-
-
-@migration
-def m004_replicas(db: Database) -> None:
-    # The last heartbeat of each process that writes replies, by owner tag, and
-    # its pid where that can tell a process's death at once (see _is_orphan).
-    db["replicas"].create(
-        {"owner": str, "beat_at": float, "pid_space": str, "pid": int}, pk="owner", not_null={"beat_at"}
-    )
-
-
-@migration
-def m005_reply_asker(db: Database) -> None:
-    # Who asked for a reply, so that every replica counts the same replies per asker.
-    db["messages"].add_column("asker", str)
-    db["messages"].create_index(["asker", "created_at"])
-
-
-@migration
-def m006_stop_requests(db: Database) -> None:
-    # A stop asked for through any replica, for the one writing the reply to act on.
-    db["messages"].add_column("stop_requested_at", float)
-
-
-# The last sign of life of a streaming reply's owner, in SQL both engines speak:
-# its latest heartbeat; for an owner that never beat (rows from before
-# heartbeats, a NULL owner), the reply's own last change.
-LAST_SIGN_SQL = "COALESCE((SELECT beat_at FROM replicas WHERE replicas.owner = messages.owner), messages.updated_at)"
-
-
-def migrate(db: Database) -> None:
-    """Apply the migrations this database has not seen yet; safe to repeat."""
-    db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL)")
-    done = {row["name"] for row in db.query("SELECT name FROM _migrations")}
-    for step in MIGRATIONS:
-        if step.__name__ in done:
-            continue
-        with _immediate(db):
-            step(db)
-            db.execute(
-                "INSERT INTO _migrations (name, applied_at) VALUES (?, ?)",
-                [step.__name__, time.time()],
-            )
-
-
-def connect(path: str | Path) -> Database:
-    """One connection in WAL mode that waits for locks instead of failing.
-
-    Each is used by one thread only; ``check_same_thread`` is off so that it can
-    be closed from whichever thread cleans up after that one.
-    """
-    conn = sqlite3.connect(
-        str(path), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False
-    )
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")
-    conn.execute("PRAGMA foreign_keys = ON")
-    return Database(conn)
-
-
-@contextlib.contextmanager
-def _immediate(db: Database) -> Iterator[Database]:
-    """A write transaction that takes the write lock up front (BEGIN IMMEDIATE)."""
-    db.conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield db
-    except BaseException:
-        db.conn.execute("ROLLBACK")
-        raise
-    db.conn.execute("COMMIT")
+# Input a person typed ------------------------------------------------------------
 
 
 def _fold(name: str) -> str:
@@ -336,40 +213,87 @@ def check_text(text: str) -> str:
     return text
 
 
-class _ThreadConnection:
-    """Closes its connection when its thread ends and thread-local data is dropped.
-
-    Streamlit runs every script run in a new thread. A connection left to the
-    garbage collector stays open for a long time (sqlite-utils' Database holds
-    a reference cycle, and the app turns off Streamlit's collection after each
-    run), so open files would pile up.
-    """
-
-    def __init__(self, db: Database):
-        self.db = db
-
-    def __del__(self) -> None:
-        self.db.conn.close()
+# Migrations ----------------------------------------------------------------------
 
 
-def _watch_commits(store_ref: weakref.ref) -> None:
-    """Note a change whenever another connection has committed, until the Store is gone."""
-    store = store_ref()
-    conn = sqlite3.connect(str(store.path), check_same_thread=False)
-    try:
-        last = conn.execute("PRAGMA data_version").fetchone()[0]
-        del store
-        while (store := store_ref()) is not None:
-            version = conn.execute("PRAGMA data_version").fetchone()[0]
-            if version != last:
-                last = version
-                store._note_change()
-            del store
-            time.sleep(WATCH_S)
-    except sqlite3.Error:
-        log.exception("stopped watching %s for changes", store_ref() and store_ref().path)
-    finally:
-        conn.close()
+@dataclass(frozen=True)
+class Migration:
+    """One step of the schema, run once per database: statements that both engines run,
+    or ``{engine name: statement}`` where they differ."""
+
+    name: str
+    statements: tuple[str | dict[str, str], ...]
+
+    def __init__(self, name: str, *statements: str | dict[str, str]):
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "statements", statements)
+
+    def sql(self, engine: str) -> list[str]:
+        return [s if isinstance(s, str) else s[engine] for s in self.statements]
+
+
+MESSAGE_COLUMNS = (
+    "room TEXT NOT NULL, author TEXT NOT NULL, role TEXT NOT NULL, status TEXT NOT NULL, error TEXT, "
+    "reply_to BIGINT, created_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL)"
+)
+
+MIGRATIONS = [
+    Migration(
+        "m001_initial",
+        "CREATE TABLE rooms (name TEXT PRIMARY KEY, version BIGINT NOT NULL)",
+        {  # an id the database assigns: SQLite's rowid, a sequence on PostgreSQL
+            "sqlite": f"CREATE TABLE messages (id INTEGER PRIMARY KEY, {MESSAGE_COLUMNS}",
+            "postgresql": f"CREATE TABLE messages (id BIGSERIAL PRIMARY KEY, {MESSAGE_COLUMNS}",
+        },
+        "CREATE INDEX messages_room_id ON messages (room, id)",
+        "CREATE INDEX messages_status ON messages (status)",
+        "CREATE TABLE chunks (message_id BIGINT NOT NULL REFERENCES messages (id), seq INTEGER NOT NULL, "
+        "text TEXT NOT NULL, PRIMARY KEY (message_id, seq))",
+    ),
+    # Which process writes a streaming reply, so recovery leaves live ones alone.
+    Migration("m002_reply_owner", "ALTER TABLE messages ADD COLUMN owner TEXT"),
+    # What a reply cost, as the provider reported it.
+    Migration(
+        "m003_usage",
+        *(f"ALTER TABLE messages ADD COLUMN {column} INTEGER"
+          for column in ("prompt_tokens", "completion_tokens", "reasoning_tokens")),
+    ),
+    # The last heartbeat of each process that writes replies, by owner tag, and
+    # its pid where that can tell a process's death at once (see _is_orphan).
+    Migration(
+        "m004_replicas",
+        "CREATE TABLE replicas (owner TEXT PRIMARY KEY, beat_at DOUBLE PRECISION NOT NULL, pid_space TEXT, pid INTEGER)",
+    ),
+    # Who asked for a reply, so that every replica counts the same replies per asker.
+    Migration(
+        "m005_reply_asker",
+        "ALTER TABLE messages ADD COLUMN asker TEXT",
+        "CREATE INDEX messages_asker_created_at ON messages (asker, created_at)",
+    ),
+    # A stop asked for through any replica, for the one writing the reply to act on.
+    Migration("m006_stop_requests", "ALTER TABLE messages ADD COLUMN stop_requested_at DOUBLE PRECISION"),
+]
+
+
+def migrate(engine: Engine) -> None:
+    """Apply the migrations this database has not seen yet, once, whichever process starts first."""
+    with engine.transaction() as conn:
+        engine.exclusive(conn, MIGRATION_LOCK)
+        conn.run("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at DOUBLE PRECISION)")
+        done = {row["name"] for row in conn.rows("SELECT name FROM _migrations")}
+        for migration in MIGRATIONS:
+            if migration.name not in done:
+                for statement in migration.sql(engine.name):
+                    conn.run(statement)
+                conn.run("INSERT INTO _migrations (name, applied_at) VALUES (?, {now})", [migration.name])
+
+
+# Replies whose writer is gone ---------------------------------------------------
+
+# The last sign of life of a streaming reply's owner: its latest heartbeat; for
+# an owner that never beat (rows from before heartbeats, a NULL owner), the
+# reply's own last change.
+LAST_SIGN_SQL = "COALESCE((SELECT beat_at FROM replicas WHERE replicas.owner = messages.owner), messages.updated_at)"
 
 
 def _is_orphan(row: dict, now: float, stale_after_s: float) -> bool:
@@ -416,25 +340,68 @@ def _gone(pid: int) -> bool:
     return False  # it runs, or another process took its pid: the clock will tell
 
 
-def open_store(location: str | Path):
-    """The store at ``location``: a ``postgresql://`` URL (store_pg.PgStore) or an SQLite file (Store)."""
+# The store -------------------------------------------------------------------------
+
+
+def engine_for(location: str | Path, **options) -> Engine:
+    """The engine for ``location``: a ``postgresql://`` URL, or an SQLite file.
+
+    ``options`` go to PostgreSQL's engine (``pool_size``, ``connect_timeout_s``).
+    """
     if str(location).startswith(("postgresql://", "postgres://")):
-        from store_pg import PgStore
+        from engines.postgresql import PostgresEngine
 
-        return PgStore(str(location))
-    return Store(location)
+        return PostgresEngine(str(location), **options)
+    from engines.sqlite import SqliteEngine
+
+    return SqliteEngine(location)
 
 
-class ChangeWaiting:
-    """What both stores share: a counter of the database changes this process has seen, to wait on.
+def open_store(location: str | Path, **options) -> Store:
+    """The store at ``location`` (see engine_for)."""
+    return Store(engine_for(location, **options))
 
-    A write through the store counts at once (``_note_change``); another
-    process's commit counts once the store's watcher, started by the first
-    wait (``_start_watching``), notices it. The database itself is not read
-    while nothing changes.
+
+def _versions_in(note: str | None) -> dict[str, int | None]:
+    """The room and new version a commit's note tells ("<version> <room>"), {} for none; a
+    bare room name (from a replica of an older release) says the room changed, not to what."""
+    if not note:
+        return {}
+    version, _, room = note.partition(" ")
+    return {room: int(version)} if version.isdigit() and room else {note: None}
+
+
+class _Write:
+    """A write transaction under way: its connection, and the rooms it changed with their new versions."""
+
+    def __init__(self, engine: Engine, conn: Connection):
+        self.engine, self.conn = engine, conn
+        self.versions: dict[str, int] = {}
+
+    def bump(self, room: str) -> None:
+        """A new version for the room, sent with the commit to every listening store."""
+        version = self.conn.one(
+            "INSERT INTO rooms (name, version) VALUES (?, 1) "
+            "ON CONFLICT (name) DO UPDATE SET version = rooms.version + 1 RETURNING version",
+            [room],
+        )["version"]
+        self.engine.notify(self.conn, f"{version} {room}")
+        self.versions[room] = version
+
+
+class Store:
+    """The chat database: an SQLite file, a ``postgresql://`` URL, or an Engine; safe to share between threads.
+
+    Besides its verbs, a store counts the changes it has seen, to wait on: a
+    write through it counts at once; another process's commit counts once the
+    engine hears it, which it starts doing at the first wait. The database
+    itself is not read while nothing changes.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, where: str | Path | Engine):
+        self.engine = where if isinstance(where, Engine) else engine_for(where)
+        self.location = self.engine.location
+        migrate(self.engine)
         self._changes = 0
         self._changed = threading.Condition()
         self._watching = False
@@ -444,12 +411,209 @@ class ChangeWaiting:
         self._room_reads: dict[str, threading.Lock] = {}
         self._versions: dict[str, tuple[int, int]] = {}  # room -> (change counter before reading, version)
         self._recents: OrderedDict[tuple, tuple[int, list[Message]]] = OrderedDict()  # -> (version, messages)
-        # Rooms' versions as the database's change notifications tell them
-        # (PostgreSQL's carry each room's new version); None while none come.
+        # Rooms' versions as the commits' notes tell them (where the engine
+        # carries every note, as PostgreSQL does); None while they do not.
         self._told: dict[str, int] | None = None
 
+    def close(self) -> None:
+        self.engine.close()
+
+    # Writing ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[_Write]:
+        """One write transaction; whoever waits for a change is woken once it commits."""
+        with self.engine.transaction() as conn:
+            write = _Write(self.engine, conn)
+            yield write
+        self._note_change(write.versions)
+
+    def add_message(self, room: str, author: str, text: str) -> Message:
+        """Store a person's message whole, or raise InvalidInput and store nothing."""
+        room, author, text = check_room(room), check_name(author), check_text(text)
+        with self._writing() as write:
+            message_id = self._insert_message(write.conn, room, author, text)
+            write.bump(room)
+        return self.get(message_id)
+
+    def start_reply(
+        self,
+        room: str,
+        reply_to: int | None = None,
+        owner: str = PROCESS,
+        asker: str | None = None,
+        limits: ReplyLimits | None = None,
+    ) -> Message:
+        """An empty assistant message in status ``streaming``, to append chunks to.
+
+        With ``limits``, it is stored only if they allow it (counted in the same
+        write), else TooManyReplies or AskingTooFast is raised.
+        """
+        room = check_room(room)
+        with self._writing() as write:
+            self._within(write.conn, limits, owner, asker)
+            message_id = self._insert_reply(write.conn, room, reply_to, owner, asker)
+            write.bump(room)
+        return self.get(message_id)
+
+    def add_question(
+        self,
+        room: str,
+        author: str,
+        text: str,
+        owner: str = PROCESS,
+        asker: str | None = None,
+        limits: ReplyLimits | None = None,
+    ) -> tuple[Message, Message]:
+        """A person's message and the empty reply to it, stored together or not at all (see start_reply)."""
+        room, author, text = check_room(room), check_name(author), check_text(text)
+        with self._writing() as write:
+            self._within(write.conn, limits, owner, asker)
+            question_id = self._insert_message(write.conn, room, author, text)
+            reply_id = self._insert_reply(write.conn, room, question_id, owner, asker)
+            write.bump(room)
+        return self.get(question_id), self.get(reply_id)
+
+    def append_chunk(self, message_id: int, text: str) -> None:
+        """Append one piece to a streaming reply, in one transaction."""
+        if not text:
+            return
+        with self._writing() as write:
+            room = self._touch_streaming(write.conn, message_id)
+            self._append(write.conn, message_id, text)
+            write.bump(room)
+
+    def finish_reply(
+        self, message_id: int, status: str, error: str | None = None, last_chunk: str = "", usage=None
+    ) -> None:
+        """Give a streaming reply its final status, with the last piece of text and its token usage if any.
+
+        ``usage`` has ``prompt_tokens``, ``completion_tokens`` and ``reasoning_tokens`` (llm.Usage).
+        """
+        if status not in FINAL_STATUSES:
+            raise ValueError(f"not a final status: {status!r}")
+        figures = (usage.prompt_tokens, usage.completion_tokens, usage.reasoning_tokens) if usage else (None,) * 3
+        with self._writing() as write:
+            room = self._touch_streaming(write.conn, message_id)
+            if last_chunk:
+                self._append(write.conn, message_id, last_chunk)
+            write.conn.run(
+                "UPDATE messages SET status = ?, error = ?, prompt_tokens = ?, completion_tokens = ?, "
+                "reasoning_tokens = ? WHERE id = ?",
+                [status, error, *figures, message_id],
+            )
+            write.bump(room)
+
+    def recover_interrupted(self, stale_after_s: float = STALE_AFTER_S, owner: str = PROCESS) -> int:
+        """Mark replies left ``streaming`` by a dead process as ``interrupted``.
+
+        Their text so far is kept. A reply is orphaned when its owner has not
+        beaten for ``stale_after_s``, or its process has exited on this host
+        (see _is_orphan); the replies of ``owner`` (this process) and of every
+        replica that beats are left alone, so this is safe to call at start-up
+        and now and then. Returns how many it marked.
+        """
+        with self.engine.connection() as conn:
+            rows = conn.rows(
+                "SELECT m.id, m.room, m.owner, m.updated_at, r.beat_at, r.pid_space, r.pid, {now} AS now "
+                "FROM messages AS m LEFT JOIN replicas AS r ON r.owner = m.owner "
+                "WHERE m.status = 'streaming' AND (m.owner IS NULL OR m.owner <> ?)",
+                [owner],
+            )
+        orphans = [row for row in rows if _is_orphan(row, row["now"], stale_after_s)]
+        if not orphans:
+            return 0
+        count = 0
+        with self._writing() as write:
+            for row in orphans:
+                # Only if its owner has shown no sign of life since it was read.
+                marked = write.conn.run(
+                    "UPDATE messages SET status = 'interrupted', error = ?, updated_at = {now} "
+                    f"WHERE id = ? AND status = 'streaming' AND {LAST_SIGN_SQL} = ?",
+                    [INTERRUPTED_NOTE, row["id"], _last_sign(row)],
+                )
+                if marked:
+                    count += marked
+                    write.bump(row["room"])
+        return count
+
+    def request_stop(self, message_id: int) -> bool:
+        """Ask whichever replica writes a streaming reply to stop it, as its Stop button does.
+
+        Pages notice (the room's version changes); the writing ReplyWorker ends
+        the reply, its text kept, as ``stopped``. False, and nothing changes,
+        for a reply that is not streaming any more.
+        """
+        with self._writing() as write:
+            row = write.conn.one(
+                "UPDATE messages SET stop_requested_at = COALESCE(stop_requested_at, {now}) "
+                "WHERE id = ? AND status = 'streaming' RETURNING room",
+                [message_id],
+            )
+            if row is not None:
+                write.bump(row["room"])
+        return row is not None
+
+    def stop_requested(self, message_ids: Collection[int]) -> set[int]:
+        """Those of ``message_ids`` that are streaming and someone asked to stop."""
+        if not message_ids:
+            return set()
+        with self.engine.connection() as conn:
+            rows = conn.rows(
+                f"SELECT id FROM messages WHERE id IN ({_placeholders(message_ids)}) "
+                "AND status = 'streaming' AND stop_requested_at IS NOT NULL",
+                list(message_ids),
+            )
+        return {row["id"] for row in rows}
+
+    # Replicas ----------------------------------------------------------------
+
+    def beat(self, owner: str = PROCESS) -> None:
+        """Record that ``owner`` lives, now, in this process: its streaming replies are not orphans while it beats."""
+        # Nobody waits for a heartbeat: no change to count, no room to bump.
+        # (Other processes may hear its commit as any other: their pages wake,
+        # find the room's version unchanged, and wait again.)
+        with self.engine.transaction() as conn:
+            conn.run(
+                "INSERT INTO replicas (owner, beat_at, pid_space, pid) VALUES (?, {now}, ?, ?) ON CONFLICT (owner) "
+                "DO UPDATE SET beat_at = excluded.beat_at, pid_space = excluded.pid_space, pid = excluded.pid",
+                [owner, PID_SPACE, os.getpid()],
+            )
+
+    def retire(self, owner: str = PROCESS) -> None:
+        """Forget ``owner``'s heartbeat, as it shuts down cleanly."""
+        with self.engine.transaction() as conn:
+            conn.run("DELETE FROM replicas WHERE owner = ?", [owner])
+
+    # Reading ---------------------------------------------------------------
+
+    def get(self, message_id: int) -> Message:
+        with self.engine.connection() as conn:
+            rows = conn.rows("SELECT * FROM messages WHERE id = ?", [message_id])
+            if not rows:
+                raise StoreError(f"no message {message_id}")
+            return self._with_text(conn, rows)[0]
+
+    def recent(self, room: str, limit: int = 100, after_id: int = 0) -> list[Message]:
+        """The room's last ``limit`` messages (newer than ``after_id``), oldest first."""
+        with self.engine.connection() as conn:
+            rows = conn.rows(
+                "SELECT * FROM (SELECT * FROM messages WHERE room = ? AND id > ? ORDER BY id DESC LIMIT ?) "
+                "AS newest ORDER BY id",
+                [check_room(room), after_id, limit],
+            )
+            return self._with_text(conn, rows)
+
+    def version(self, room: str) -> int:
+        """A counter that changes whenever anything in the room changes."""
+        with self.engine.connection() as conn:
+            row = conn.one("SELECT version FROM rooms WHERE name = ?", [room])
+        return row["version"] if row else 0
+
+    # Waiting for changes ---------------------------------------------------
+
     def changes(self) -> int:
-        """The counter now; see wait_for_change."""
+        """The counter of changes this store has seen; see wait_for_change."""
         with self._changed:
             return self._changes
 
@@ -458,14 +622,14 @@ class ChangeWaiting:
         with self._changed:
             start, self._watching = not self._watching, True
         if start:
-            self._start_watching()
+            self.engine.watch(self)
         with self._changed:
             self._changed.wait_for(lambda: self._changes != seen, timeout)
             return self._changes
 
     def cached_version(self, room: str) -> int:
         """``version(room)``, read once per change this process has seen, however many pages ask;
-        not read at all while the change notifications tell it."""
+        not read at all while the commits' notes tell it."""
         with self._changed:
             told = self._told
             if told is not None and room in told:
@@ -498,332 +662,111 @@ class ChangeWaiting:
                     self._recents.popitem(last=False)
             return held[1]
 
+    # What the engine tells (engines.Listener) -------------------------------
+
+    def heard(self, note: str | None) -> None:
+        """Another connection committed; ``note`` is the one its store sent (see _Write.bump), if any."""
+        self._note_change(_versions_in(note) if note is not None else {})
+
+    def hearing(self, every_note: bool) -> None:
+        """Whether every commit's note reaches this store from now on, with its version."""
+        with self._changed:
+            self._told = {} if every_note else None
+
+    @staticmethod
+    def fingerprint(conn: Connection) -> int:
+        """The sum of every room's version: it moves with every change."""
+        return conn.one("SELECT COALESCE(SUM(version), 0) AS total FROM rooms")["total"]
+
+    # Internals -------------------------------------------------------------
+
     def _reading_room(self, room: str) -> threading.Lock:
         """The lock the pages reading ``room`` queue on, so that the first reads for all of them."""
         with self._reads:
             return self._room_reads.setdefault(room, threading.Lock())
 
-    def _note_change(self, versions: dict[str, int | None] | None = None) -> None:
+    def _note_change(self, versions: dict[str, int | None]) -> None:
         """Count a change and wake whoever waits; ``versions``: rooms' new versions, None where unknown."""
         with self._changed:
             self._changes += 1
             if self._told is not None:
-                for room, version in (versions or {}).items():
+                for room, version in versions.items():
                     if version is None:
                         self._told.pop(room, None)
                     else:
                         self._told[room] = max(version, self._told.get(room, 0))
             self._changed.notify_all()
 
-    def _hearing(self, heard: bool) -> None:
-        """Whether every commit's notification reaches this store from now on, with its version."""
-        with self._changed:
-            self._told = {} if heard else None
-
-    def _start_watching(self) -> None:
-        raise NotImplementedError
-
-
-class Store(ChangeWaiting):
-    """The chat database at ``path``; safe to share between threads.
-
-    Another process's commit wakes waiting pages within WATCH_S.
-    """
-
-    def __init__(self, path: str | Path):
-        super().__init__()
-        self.path = Path(path)
-        self._local = threading.local()
-        migrate(self.db)
-
-    @property
-    def db(self) -> Database:
-        """This thread's connection (created on first use, closed when the thread ends)."""
-        holder = getattr(self._local, "connection", None)
-        if holder is None:
-            holder = self._local.connection = _ThreadConnection(connect(self.path))
-        return holder.db
-
-    # Writing ---------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _writing(self) -> Iterator[Database]:
-        """One write transaction; whoever waits for a change is woken once it commits."""
-        with _immediate(self.db) as db:
-            yield db
-        self._note_change()
-
-    def add_message(self, room: str, author: str, text: str) -> Message:
-        """Store a person's message whole, or raise InvalidInput and store nothing."""
-        room, author, text = check_room(room), check_name(author), check_text(text)
-        now = time.time()
-        with self._writing() as db:
-            message_id = self._insert_message(db, room, author, "user", "complete", None, now)
-            self._insert_chunk(db, message_id, 0, text)
-            self._bump(db, room)
-        return self.get(message_id)
-
-    def start_reply(
-        self,
-        room: str,
-        reply_to: int | None = None,
-        owner: str = PROCESS,
-        asker: str | None = None,
-        limits: ReplyLimits | None = None,
-    ) -> Message:
-        """An empty assistant message in status ``streaming``, to append chunks to.
-
-        With ``limits``, it is stored only if they allow it (counted in the same
-        write), else TooManyReplies or AskingTooFast is raised.
-        """
-        room = check_room(room)
-        with self._writing() as db:
-            self._within(db, limits, owner, asker)
-            message_id = self._insert_reply(db, room, reply_to, owner, asker)
-            self._bump(db, room)
-        return self.get(message_id)
-
-    def add_question(
-        self,
-        room: str,
-        author: str,
-        text: str,
-        owner: str = PROCESS,
-        asker: str | None = None,
-        limits: ReplyLimits | None = None,
-    ) -> tuple[Message, Message]:
-        """A person's message and the empty reply to it, stored together or not at all (see start_reply)."""
-        room, author, text = check_room(room), check_name(author), check_text(text)
-        with self._writing() as db:
-            self._within(db, limits, owner, asker)
-            question_id = self._insert_message(db, room, author, "user", "complete", None, time.time())
-            self._insert_chunk(db, question_id, 0, text)
-            reply_id = self._insert_reply(db, room, question_id, owner, asker)
-            self._bump(db, room)
-        return self.get(question_id), self.get(reply_id)
-
-    def append_chunk(self, message_id: int, text: str) -> None:
-        """Append one piece to a streaming reply, in one transaction."""
-        if not text:
-            return
-        with self._writing() as db:
-            room = self._touch_streaming(db, message_id)
-            seq = db.execute(
-                "SELECT COALESCE(MAX(seq) + 1, 0) FROM chunks WHERE message_id = ?", [message_id]
-            ).fetchone()[0]
-            self._insert_chunk(db, message_id, seq, text)
-            self._bump(db, room)
-
-    def finish_reply(
-        self, message_id: int, status: str, error: str | None = None, last_chunk: str = "", usage=None
-    ) -> None:
-        """Give a streaming reply its final status, with the last piece of text and its token usage if any.
-
-        ``usage`` has ``prompt_tokens``, ``completion_tokens`` and ``reasoning_tokens`` (llm.Usage).
-        """
-        if status not in FINAL_STATUSES:
-            raise ValueError(f"not a final status: {status!r}")
-        with self._writing() as db:
-            room = self._touch_streaming(db, message_id)
-            if last_chunk:
-                seq = db.execute(
-                    "SELECT COALESCE(MAX(seq) + 1, 0) FROM chunks WHERE message_id = ?",
-                    [message_id],
-                ).fetchone()[0]
-                self._insert_chunk(db, message_id, seq, last_chunk)
-            db.execute(
-                "UPDATE messages SET status = ?, error = ?, prompt_tokens = ?, completion_tokens = ?, "
-                "reasoning_tokens = ? WHERE id = ?",
-                [status, error, *(
-                    (usage.prompt_tokens, usage.completion_tokens, usage.reasoning_tokens) if usage else (None,) * 3
-                ), message_id],
-            )
-            self._bump(db, room)
-
-    def recover_interrupted(self, stale_after_s: float = STALE_AFTER_S, owner: str = PROCESS) -> int:
-        """Mark replies left ``streaming`` by a dead process as ``interrupted``.
-
-        Their text so far is kept. A reply is orphaned when its owner has not
-        beaten for ``stale_after_s``, or its process has exited on this host
-        (see _is_orphan); the replies of ``owner`` (this process) and of every
-        replica that beats are left alone, so this is safe to call at start-up
-        and now and then. Returns how many it marked.
-        """
-        now = time.time()
-        orphans = [
-            row
-            for row in self.db.query(
-                "SELECT m.id, m.room, m.owner, m.updated_at, r.beat_at, r.pid_space, r.pid FROM messages AS m "
-                "LEFT JOIN replicas AS r ON r.owner = m.owner WHERE m.status = 'streaming' AND m.owner IS NOT ?",
-                [owner],
-            )
-            if _is_orphan(row, now, stale_after_s)
-        ]
-        if not orphans:
-            return 0
-        count = 0
-        with self._writing() as db:
-            for row in orphans:
-                # Only if its owner has shown no sign of life since it was read.
-                marked = db.execute(
-                    "UPDATE messages SET status = 'interrupted', error = ?, updated_at = ? "
-                    f"WHERE id = ? AND status = 'streaming' AND {LAST_SIGN_SQL} = ?",
-                    [INTERRUPTED_NOTE, now, row["id"], _last_sign(row)],
-                ).rowcount
-                if marked:
-                    count += marked
-                    self._bump(db, row["room"])
-        return count
-
-    def request_stop(self, message_id: int) -> bool:
-        """Ask whichever replica writes a streaming reply to stop it, as its Stop button does.
-
-        Pages notice (the room's version changes); the writing ReplyWorker ends
-        the reply, its text kept, as ``stopped``. False, and nothing changes,
-        for a reply that is not streaming any more.
-        """
-        with self._writing() as db:
-            rows = db.execute(
-                "UPDATE messages SET stop_requested_at = COALESCE(stop_requested_at, ?) "
-                "WHERE id = ? AND status = 'streaming' RETURNING room",
-                [time.time(), message_id],
-            ).fetchall()
-            if rows:
-                self._bump(db, rows[0][0])
-        return bool(rows)
-
-    def stop_requested(self, message_ids: Collection[int]) -> set[int]:
-        """Those of ``message_ids`` that are streaming and someone asked to stop."""
-        if not message_ids:
-            return set()
-        placeholders = ",".join("?" * len(message_ids))
-        return {
-            message_id
-            for (message_id,) in self.db.execute(
-                f"SELECT id FROM messages WHERE id IN ({placeholders}) "
-                "AND status = 'streaming' AND stop_requested_at IS NOT NULL",
-                list(message_ids),
-            )
-        }
-
-    # Replicas ----------------------------------------------------------------
-
-    def beat(self, owner: str = PROCESS) -> None:
-        """Record that ``owner`` lives, now, in this process: its streaming replies are not orphans while it beats."""
-        # Nobody here waits for a heartbeat: no change to note. (Other processes'
-        # watchers see its commit as any other: their pages wake, find the
-        # room's version unchanged, and wait again.)
-        with _immediate(self.db) as db:
-            db.execute(
-                "INSERT INTO replicas (owner, beat_at, pid_space, pid) VALUES (?, ?, ?, ?) ON CONFLICT (owner) "
-                "DO UPDATE SET beat_at = excluded.beat_at, pid_space = excluded.pid_space, pid = excluded.pid",
-                [owner, time.time(), PID_SPACE, os.getpid()],
-            )
-
-    def retire(self, owner: str = PROCESS) -> None:
-        """Forget ``owner``'s heartbeat, as it shuts down cleanly."""
-        with _immediate(self.db) as db:
-            db.execute("DELETE FROM replicas WHERE owner = ?", [owner])
-
-    # Reading ---------------------------------------------------------------
-
-    def get(self, message_id: int) -> Message:
-        rows = list(self.db.query("SELECT * FROM messages WHERE id = ?", [message_id]))
-        if not rows:
-            raise StoreError(f"no message {message_id}")
-        return self._with_text(rows)[0]
-
-    def recent(self, room: str, limit: int = 100, after_id: int = 0) -> list[Message]:
-        """The room's last ``limit`` messages (newer than ``after_id``), oldest first."""
-        rows = list(
-            self.db.query(
-                "SELECT * FROM (SELECT * FROM messages WHERE room = ? AND id > ? ORDER BY id DESC LIMIT ?) "
-                "ORDER BY id",
-                [check_room(room), after_id, limit],
-            )
-        )
-        return self._with_text(rows)
-
-    def version(self, room: str) -> int:
-        """A counter that changes whenever anything in the room changes."""
-        row = self.db.execute("SELECT version FROM rooms WHERE name = ?", [room]).fetchone()
-        return row[0] if row else 0
-
-    # Waiting for changes (ChangeWaiting) -------------------------------------
-
-    def _start_watching(self) -> None:
-        """One thread asks SQLite every WATCH_S whether another connection committed."""
-        threading.Thread(target=_watch_commits, args=(weakref.ref(self),), name="store-watch", daemon=True).start()
-
-    # Internals -------------------------------------------------------------
-
-    def _with_text(self, rows: list[dict]) -> list[Message]:
+    @staticmethod
+    def _with_text(conn: Connection, rows: list[dict]) -> list[Message]:
         if not rows:
             return []
         texts: dict[int, list[str]] = {row["id"]: [] for row in rows}
-        placeholders = ",".join("?" * len(texts))
-        for message_id, text in self.db.execute(
-            f"SELECT message_id, text FROM chunks WHERE message_id IN ({placeholders}) "
+        for chunk in conn.rows(
+            f"SELECT message_id, text FROM chunks WHERE message_id IN ({_placeholders(texts)}) "
             "ORDER BY message_id, seq",
             list(texts),
         ):
-            texts[message_id].append(text)
+            texts[chunk["message_id"]].append(chunk["text"])
         return [Message(text="".join(texts[row["id"]]), **row) for row in rows]
 
     @staticmethod
-    def _insert_message(db, room, author, role, status, reply_to, now) -> int:
-        return db.execute(
-            "INSERT INTO messages (room, author, role, status, reply_to, created_at, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [room, author, role, status, reply_to, now, now],
-        ).lastrowid
-
-    @staticmethod
-    def _insert_reply(db, room: str, reply_to: int | None, owner: str, asker: str | None) -> int:
-        message_id = Store._insert_message(
-            db, room, ASSISTANT_NAME, "assistant", "streaming", reply_to, time.time()
-        )
-        db.execute("UPDATE messages SET owner = ?, asker = ? WHERE id = ?", [owner, asker, message_id])
+    def _insert_message(conn: Connection, room: str, author: str, text: str) -> int:
+        """A person's message, complete, with its text as its one chunk."""
+        message_id = conn.one(
+            "INSERT INTO messages (room, author, role, status, created_at, updated_at) "
+            "VALUES (?, ?, 'user', 'complete', {now}, {now}) RETURNING id",
+            [room, author],
+        )["id"]
+        conn.run("INSERT INTO chunks (message_id, seq, text) VALUES (?, 0, ?)", [message_id, text])
         return message_id
 
     @staticmethod
-    def _within(db, limits: ReplyLimits | None, owner: str, asker: str | None) -> None:
-        """Raise unless ``limits`` allow one more reply; inside the write, so no other can slip in meanwhile."""
+    def _insert_reply(conn: Connection, room: str, reply_to: int | None, owner: str, asker: str | None) -> int:
+        return conn.one(
+            "INSERT INTO messages (room, author, role, status, reply_to, created_at, updated_at, owner, asker) "
+            "VALUES (?, ?, 'assistant', 'streaming', ?, {now}, {now}, ?, ?) RETURNING id",
+            [room, ASSISTANT_NAME, reply_to, owner, asker],
+        )["id"]
+
+    def _within(self, conn: Connection, limits: ReplyLimits | None, owner: str, asker: str | None) -> None:
+        """Raise unless ``limits`` allow one more reply; exclusive until the write commits, so none slips in."""
         if limits is None:
             return
-        now = time.time()
-        writing = db.execute(
-            f"SELECT COUNT(*) FROM messages WHERE status = 'streaming' AND (owner = ? OR {LAST_SIGN_SQL} > ?)",
-            [owner, now - limits.stale_after_s],
-        ).fetchone()[0]
-        asked, oldest = db.execute(
-            "SELECT COUNT(*), MIN(created_at) FROM messages WHERE asker = ? AND created_at > ?",
-            [asker, now - RATE_WINDOW_S],
-        ).fetchone()
-        check_limits(limits, writing, asked, oldest, now)
+        self.engine.exclusive(conn, LIMITS_LOCK)
+        writing = conn.one(
+            f"SELECT COUNT(*) AS n FROM messages WHERE status = 'streaming' AND (owner = ? OR {LAST_SIGN_SQL} > {{now}} - ?)",
+            [owner, limits.stale_after_s],
+        )["n"]
+        asked = conn.one(
+            "SELECT COUNT(*) AS n, MIN(created_at) AS oldest, {now} AS now FROM messages "
+            "WHERE asker = ? AND created_at > {now} - ?",
+            [asker, RATE_WINDOW_S],
+        )
+        check_limits(limits, writing, asked["n"], asked["oldest"], asked["now"])
 
     @staticmethod
-    def _insert_chunk(db, message_id: int, seq: int, text: str) -> None:
-        db.execute(
-            "INSERT INTO chunks (message_id, seq, text) VALUES (?, ?, ?)", [message_id, seq, text]
+    def _append(conn: Connection, message_id: int, text: str) -> None:
+        conn.run(
+            "INSERT INTO chunks (message_id, seq, text) "
+            "SELECT ?, COALESCE(MAX(seq) + 1, 0), ? FROM chunks WHERE message_id = ?",
+            [message_id, text, message_id],
         )
 
     @staticmethod
-    def _touch_streaming(db, message_id: int) -> str:
-        """Mark the reply updated and return its room; refuse if it is not streaming."""
-        row = db.execute(
-            "UPDATE messages SET updated_at = ? WHERE id = ? AND status = 'streaming' "
-            "RETURNING room",
-            [time.time(), message_id],
-        ).fetchall()
-        if not row:
+    def _touch_streaming(conn: Connection, message_id: int) -> str:
+        """Mark the reply updated and return its room; refuse if it is not streaming.
+
+        The row lock it takes also puts concurrent appends to one reply in line.
+        """
+        row = conn.one(
+            "UPDATE messages SET updated_at = {now} WHERE id = ? AND status = 'streaming' RETURNING room",
+            [message_id],
+        )
+        if row is None:
             raise NotStreaming(f"message {message_id} is not a streaming reply")
-        return row[0][0]
+        return row["room"]
 
-    @staticmethod
-    def _bump(db, room: str) -> None:
-        db.execute(
-            "INSERT INTO rooms (name, version) VALUES (?, 1) "
-            "ON CONFLICT (name) DO UPDATE SET version = version + 1",
-            [room],
-        )
+
+def _placeholders(values: Collection) -> str:
+    return ", ".join("?" * len(values))

@@ -27,7 +27,6 @@ import functools
 import inspect
 import logging
 import queue
-import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -365,7 +364,7 @@ class ReplyWorker:
         """Stop those of ``message_ids`` someone asked to stop, then wait for the database to change.
 
         A request made through any replica changes the database, which wakes
-        the wait: at once on PostgreSQL (LISTEN/NOTIFY), within WATCH_S on
+        the wait: at once on PostgreSQL (LISTEN/NOTIFY), within engines.sqlite.WATCH_S on
         SQLite; STOP_WAIT_S bounds it should a notification be lost, and so
         does ``until`` (time.monotonic()), the next heartbeat.
         """
@@ -556,8 +555,8 @@ class ReplyWorker:
                 write()
                 reply.stats.commits += 1
                 return
-            except (sqlite3.OperationalError, DatabaseUnavailable) as error:
-                if attempt == attempts - 1 or not (isinstance(error, DatabaseUnavailable) or "locked" in str(error)):
+            except DatabaseUnavailable:  # SQLite locked past its busy timeout, PostgreSQL unreachable
+                if attempt == attempts - 1:
                     raise
                 log.warning("reply %s: database busy or unreachable, retrying", reply.message_id)
                 time.sleep(min(0.2 * (attempt + 1), 2.0))

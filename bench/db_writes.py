@@ -22,7 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chunker import SentenceChunker  # noqa: E402
-from store import Store, connect  # noqa: E402
+from engines.sqlite import connect  # noqa: E402
+from store import Store  # noqa: E402
 from worker import ReplyWorker  # noqa: E402
 
 WORDS = (

@@ -61,25 +61,17 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture
 def store(request, engine, db_path):
     """The store on one engine: the same tests hold for both."""
-    if engine == "sqlite":
-        yield Store(db_path)
-        return
-    from store_pg import PgStore
-
-    store = PgStore(request.getfixturevalue("postgres").new_database())
+    store = Store(db_path if engine == "sqlite" else request.getfixturevalue("postgres").new_database())
     yield store
     store.close()
 
 
 @pytest.fixture
-def other_store(store, db_path):
+def other_store(store):
     """A second store on the same database, as another replica (process or host) opens it."""
-    from store import open_store
-
-    other = open_store(getattr(store, "url", db_path))
+    other = Store(store.location)
     yield other
-    if hasattr(other, "close"):
-        other.close()
+    other.close()
 
 
 @pytest.fixture

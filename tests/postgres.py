@@ -34,11 +34,11 @@ class PostgresServer(LocalPostgres):
 
 def query(store, sql: str, params=()) -> list[tuple]:
     """Rows of a query, as tuples, on a store of either engine (written with ? placeholders); [] for a write."""
-    if hasattr(store, "db"):  # SQLite
-        return [tuple(row) for row in store.db.execute(sql, list(params)).fetchall()]
-    with store.pool.connection() as conn:
-        cursor = conn.execute(sql.replace("?", "%s"), list(params))
-        return [tuple(row.values()) for row in cursor.fetchall()] if cursor.description else []
+    with store.engine.connection() as conn:
+        if not sql.lstrip().upper().startswith("SELECT"):
+            conn.run(sql, params)
+            return []
+        return [tuple(row.values()) for row in conn.rows(sql, params)]
 
 
 class TransactionPooler:

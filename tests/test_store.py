@@ -28,9 +28,8 @@ from store import (
 
 
 def test_migrations_run_once_and_can_repeat(store, db_path):
-    location = getattr(store, "url", db_path)
-    open_store(location)  # a second process starts on the same database
-    open_store(location)
+    open_store(store.location).close()  # a second process starts on the same database
+    open_store(store.location).close()
     names = [name for (name,) in query(store, "SELECT name FROM _migrations ORDER BY name")]
     assert names == [
         "m001_initial", "m002_reply_owner", "m003_usage", "m004_replicas", "m005_reply_asker", "m006_stop_requests",
@@ -46,8 +45,8 @@ def test_migrations_run_once_and_can_repeat(store, db_path):
 
 def test_database_uses_wal_and_a_busy_timeout(db_path):
     store = Store(db_path)
-    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert store.db.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
+    assert store.engine.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.engine.db.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
 
 
 def test_add_message_and_read_it_back(store):
@@ -114,7 +113,7 @@ def test_recovery_marks_a_dead_process_replies_interrupted_and_keeps_text(store,
     mine = store.start_reply("general")  # this process is alive and still writing it
     before = store.version("general")
 
-    restarted = open_store(getattr(store, "url", db_path))
+    restarted = open_store(store.location)
     assert restarted.recover_interrupted() == 1
     assert restarted.get(left.id).status == "interrupted"
     assert restarted.get(left.id).text == "Half a reply"
@@ -450,7 +449,7 @@ def test_a_commit_by_another_process_wakes_the_wait_too(store, db_path):
     assert store.wait_for_change(seen, timeout=0.3) == seen  # nothing happened: the wait times out
     other = subprocess.run(
         [sys.executable, "-c", "import sys; from store import open_store; open_store(sys.argv[1]).add_message('general', 'Bob', 'hi')",
-         getattr(store, "url", str(db_path))],
+         store.location],
         cwd=Path(__file__).parent.parent, check=True,
     )
     assert other.returncode == 0
@@ -538,7 +537,7 @@ def test_versions_told_before_the_notifications_were_lost_are_not_trusted_after(
     version = store.cached_version("general")
     # The listening connection drops; a commit meanwhile is never told.
     query(other_store, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                       "WHERE query LIKE 'LISTEN%%' AND datname = current_database()")
+                       "WHERE query LIKE 'LISTEN%' AND datname = current_database()")
     other_store.add_message("general", "Bob", "while nobody listened")
     wait_until(lambda: store.cached_version("general") == version + 1, timeout=5)
     assert [m.text for m in store.cached_recent("general", 100, 0, version + 1)] == ["first", "while nobody listened"]
@@ -548,10 +547,9 @@ def test_a_lost_postgresql_database_is_reported_without_its_password(postgres):
     import psycopg
 
     from store import DatabaseUnavailable
-    from store_pg import PgStore
 
     url = postgres.new_database().replace("postgres@", "postgres:secret-pw-42@")  # the server trusts 127.0.0.1
-    store = PgStore(url, connect_timeout_s=1)
+    store = open_store(url, connect_timeout_s=1)
     store.add_message("general", "Ada", "before")
     with psycopg.connect(postgres.url, autocommit=True) as admin:
         admin.execute(f"DROP DATABASE {url.rsplit('/', 1)[1]} WITH (FORCE)")
@@ -568,7 +566,7 @@ def test_connections_the_server_closed_while_idle_are_not_lent_again(store):
     import psycopg
 
     store.add_message("general", "Ada", "before")
-    with psycopg.connect(store.url, autocommit=True) as admin:
+    with psycopg.connect(store.location, autocommit=True) as admin:
         pids = [pid for (pid,) in admin.execute(
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")]
         admin.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", [pids])
@@ -583,10 +581,8 @@ def test_through_a_transaction_pooler_another_replicas_commits_are_still_noticed
     """Supavisor's port 6543, Neon's -pooler hosts and PgBouncer in transaction mode accept
     LISTEN but deliver nothing, and keep no prepared statement from one transaction to the
     next: the store notices the other replica's commits by reading the rooms' versions."""
-    from store_pg import PgStore
-
     url = pooler.url(postgres.new_database())
-    store, other = PgStore(url), PgStore(url)
+    store, other = Store(url), Store(url)
     try:
         for n in range(6):  # the same statements from both, more often than psycopg prepares them after
             store.add_message("general", "Ada", f"message {n}")

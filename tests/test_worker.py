@@ -10,7 +10,7 @@ from fake_openai import Reply
 from llm import DemoModel, OpenAIModel, make_client
 from settings import Settings
 from postgres import query
-from store import INTERRUPTED_NOTE, InvalidInput, Store, open_store
+from store import INTERRUPTED_NOTE, DatabaseUnavailable, InvalidInput, Store, open_store
 from worker import Busy, LiveReply, ReplyWorker, SlowDown
 
 SENTENCES = [
@@ -278,7 +278,7 @@ def test_reply_completes_and_is_stored_when_nobody_follows_it(store, db_path, se
     reply = ask(store, worker)
     message_id = reply.message_id
     del reply  # the asker's session is gone
-    other_viewer = open_store(getattr(store, "url", db_path))
+    other_viewer = open_store(store.location)
     deadline = time.monotonic() + 10
     while other_viewer.get(message_id).status == "streaming" and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -392,7 +392,7 @@ def test_retry_answers_its_question_without_the_failed_reply(store, server, make
 
 
 class FlakyStore(Store):
-    """A real store whose final writes fail with "database is locked" a set number of times."""
+    """A real store whose final writes fail as a database locked past its busy timeout does, a set number of times."""
 
     def __init__(self, path, failures: int):
         super().__init__(path)
@@ -401,7 +401,7 @@ class FlakyStore(Store):
     def finish_reply(self, *args, **kwargs):
         if self.failures > 0:
             self.failures -= 1
-            raise sqlite3.OperationalError("database is locked")
+            raise DatabaseUnavailable(f"The SQLite database {self.location} cannot be opened or used: database is locked")
         return super().finish_reply(*args, **kwargs)
 
 
@@ -575,7 +575,7 @@ time.sleep(60)
 @pytest.mark.parametrize("where", ["this host", "another host"])
 def test_the_replies_of_a_killed_replica_end_interrupted_as_another_replica_sees_it(store, db_path, make_worker, where):
     replica = subprocess.Popen(
-        [sys.executable, "-c", KILLED_REPLICA, getattr(store, "url", str(db_path))],
+        [sys.executable, "-c", KILLED_REPLICA, store.location],
         cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE, text=True,
     )
     try:
