@@ -202,8 +202,7 @@ class ReplyWorker:
         self.store = store
         self.model = model
         self.system_prompt = system_prompt
-        self.max_concurrent = max_concurrent
-        self.replies_per_minute = replies_per_minute
+        self.limits = ReplyLimits(max_concurrent, replies_per_minute, stale_after_s)
         self.idle_timeout_s = idle_timeout_s
         self.first_token_timeout_s = first_token_timeout_s
         self._chunker = chunker
@@ -215,8 +214,6 @@ class ReplyWorker:
         self._unsaved_ends: list[Callable[[], None]] = []  # final writes to try again
         self.totals = ReplyStats()
         self.owner = owner
-        self.stale_after_s = stale_after_s
-        self.limits = ReplyLimits(max_concurrent, replies_per_minute, stale_after_s)
         self.beat_every_s = beat_every_s
         self._stirred = threading.Condition(self._lock)  # a reply started or ended, or shutdown: wakes the threads below
         self._beat()  # before any reply of this owner exists, so that none is judged as an owner's that never beat
@@ -331,7 +328,7 @@ class ReplyWorker:
                 with self._lock:
                     self._unsaved_ends.append(finish)
         try:
-            self.store.recover_interrupted(self.stale_after_s, owner=self.owner)
+            self.store.recover_interrupted(self.limits.stale_after_s, owner=self.owner)
         except Exception:
             log.exception("could not check for interrupted replies")
 
@@ -408,8 +405,8 @@ class ReplyWorker:
         with self._lock:
             if self._closed:
                 raise Busy("The server is restarting; please ask again in a moment.")
-            if len(self._active) + self._starting >= self.max_concurrent:
-                raise Busy(_busy_note(self.max_concurrent))
+            if len(self._active) + self._starting >= self.limits.max_concurrent:
+                raise Busy(_busy_note(self.limits.max_concurrent))
             self._starting += 1
         try:
             yield
