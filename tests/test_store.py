@@ -43,6 +43,39 @@ def test_migrations_run_once_and_can_repeat(store, db_path):
     assert query(store, "SELECT message_id, seq, text FROM chunks") == [(message.id, 0, "hi")]
 
 
+def test_a_database_made_by_the_release_that_built_tables_with_sqlite_utils_still_works(db_path):
+    """Before the migrations were SQL, SQLite's tables were made by sqlite-utils: such a file,
+    made as that release made it, keeps its messages and takes new ones."""
+    from sqlite_utils import Database
+
+    old = Database(db_path)
+    old["rooms"].create({"name": str, "version": int}, pk="name")
+    old["messages"].create(
+        {"id": int, "room": str, "author": str, "role": str, "status": str, "error": str, "reply_to": int,
+         "created_at": float, "updated_at": float, "owner": str, "prompt_tokens": int, "completion_tokens": int,
+         "reasoning_tokens": int, "asker": str, "stop_requested_at": float},
+        pk="id", not_null={"room", "author", "role", "status", "created_at", "updated_at"},
+    )
+    old["messages"].create_index(["room", "id"])
+    old["chunks"].create({"message_id": int, "seq": int, "text": str}, pk=("message_id", "seq"),
+                         foreign_keys=[("message_id", "messages", "id")], not_null={"text"})
+    old["replicas"].create({"owner": str, "beat_at": float, "pid_space": str, "pid": int}, pk="owner")
+    old["_migrations"].insert_all({"name": name, "applied_at": 0.0} for name in (
+        "m001_initial", "m002_reply_owner", "m003_usage", "m004_replicas", "m005_reply_asker", "m006_stop_requests"))
+    old["messages"].insert({"id": 1, "room": "general", "author": "Ada", "role": "user", "status": "complete",
+                            "created_at": 1.0, "updated_at": 1.0})
+    old["chunks"].insert({"message_id": 1, "seq": 0, "text": "from the old release"})
+    old["rooms"].insert({"name": "general", "version": 1})
+    old.conn.close()
+
+    store = Store(db_path)
+    question, reply = store.add_question("general", "Bob", "@gpt still there?")
+    store.finish_reply(reply.id, "complete", last_chunk="Yes.")
+    assert [(m.id, m.text) for m in store.recent("general")] == [
+        (1, "from the old release"), (2, "@gpt still there?"), (3, "Yes.")]
+    assert store.version("general") == 3
+
+
 def test_database_uses_wal_and_a_busy_timeout(db_path):
     store = Store(db_path)
     assert store.engine.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
