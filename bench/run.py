@@ -1,6 +1,6 @@
 """Every benchmark in one run, its tables printed and its two plots drawn into docs/.
 
-    python bench/run.py            # about 35 minutes on 2 cores
+    python bench/run.py            # about 55 minutes on 2 cores
     python bench/run.py --quick    # fewer repeats and combinations, about 15 minutes
 """
 
