@@ -85,7 +85,7 @@ class SqliteEngine(Engine):
     def _errors(self) -> Iterator[None]:
         try:
             yield
-        except sqlite3.OperationalError as error:
+        except sqlite3.DatabaseError as error:  # OperationalError, and "not a database" or corrupt
             if getattr(error, "sqlite_errorcode", 0) & 0xFF not in UNAVAILABLE:
                 raise  # a mistake in the SQL, not the database's state
             raise DatabaseUnavailable(f"The {self.describe()} cannot be opened or used: {first_line(error)}") from None

@@ -3,9 +3,11 @@
 import os
 
 import pytest
+import streamlit as st
+from fake_openai import Reply
+from live import wait_until
 from streamlit.testing.v1 import AppTest
 
-from fake_openai import Reply
 from llm import demo_reply
 from markup import escape_markdown
 from store import Store
@@ -21,6 +23,13 @@ def env(monkeypatch, db_path):
     monkeypatch.setenv("CHAT_DB_PATH", str(db_path))
     monkeypatch.setenv("CHAT_DEMO_TOKENS_PER_S", "5000")
     return monkeypatch
+
+
+@pytest.fixture(autouse=True)
+def released():
+    """Each test's worker and store are released after it (AppTest shares Streamlit's caches in this process)."""
+    yield
+    st.cache_resource.clear()
 
 
 def open_app(room=None, name="Ada") -> AppTest:
@@ -214,6 +223,16 @@ def test_unusable_database_path_is_explained(env, tmp_path):
     assert "cannot be opened" in at.error[0].value and "CHAT_DB_PATH" in at.error[0].value
 
 
+def test_a_file_that_is_not_a_database_is_explained_and_left_as_it_was(env, db_path):
+    notes = b"Not a database: someone's notes, saved where the chat's file should be.\n" * 100
+    db_path.write_bytes(notes)
+    at = open_app()
+    assert not at.exception
+    assert "cannot be opened or used: file is not a database" in at.error[0].value
+    assert "CHAT_DB_PATH" in at.error[0].value
+    assert db_path.read_bytes() == notes
+
+
 def test_demo_reply_matches_what_the_page_shows(env, db_path):
     at = open_app(name="Zed")
     at.chat_input[0].set_value("@gpt ping").run()
@@ -310,6 +329,29 @@ def test_the_chat_works_on_postgresql_when_database_url_is_set(env, db_path, pos
     at.run()
     assert messages(at)[-1] == ("**GPT**", answer.text)
     assert not db_path.exists()  # nothing went to the SQLite file
+
+
+def test_clearing_streamlits_cache_ends_the_worker_and_closes_its_connections(env, postgres):
+    import psycopg
+
+    url = postgres.new_database()
+    env.setenv("DATABASE_URL", url)
+    at = open_app("pg", "Ada")
+    at.chat_input[0].set_value("@gpt are you there?").run()
+    assert not at.exception
+
+    def database(sql: str) -> int:
+        with psycopg.connect(postgres.url, autocommit=True) as conn:
+            return conn.execute(sql, [url.rsplit("/", 1)[1]]).fetchone()[0]
+
+    def connections() -> int:
+        return database("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()")
+
+    assert connections() > 0  # the pool, and the connection listening for other replicas' commits
+    st.cache_resource.clear()
+    wait_until(lambda: connections() == 0, timeout=10)
+    with psycopg.connect(url) as conn:  # the worker retired: no heartbeat of this process is left
+        assert conn.execute("SELECT count(*) FROM replicas").fetchone()[0] == 0
 
 
 def test_an_unreachable_database_is_explained_without_its_password_and_tried_again(env, postgres):
