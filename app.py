@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import random
 import re
-import time
 import uuid
 from functools import partial
 
 import streamlit as st
 
 import store as store_module
-from live_view import FULL_RUN_FOLLOWS_S, LIVE_MESSAGES, PAGE_STYLE, Places, live_area, my_live_reply, writing_for
+from live_view import PAGE_STYLE, STOP_KEY, Places, draw_live_area, my_live_reply, rerun_after_asking, stoppable
 from llm import model_from_settings
 from look import author_line, bubble_for, note_for, retryable
 from markup import escape_markdown, safe_markdown
 from settings import ConfigError, Settings
-from store import DatabaseUnavailable, InvalidInput, Message, Store, StoreError, check_name, check_room
+from store import DatabaseUnavailable, InvalidInput, Message, StoreError, check_name, check_room
 from worker import ReplyRefused, ReplyWorker
 
 DEFAULT_ROOM = "general"
@@ -37,19 +36,19 @@ ANIMALS = "Badger Crane Dolphin Falcon Fox Heron Koala Lynx Marten Otter Owl Pan
 # Process-wide resources ------------------------------------------------------
 
 
-@st.cache_resource(show_spinner=False)
-def open_store(database: str) -> Store:
-    """One store per database and process: a PostgreSQL URL or an SQLite file.
-
-    A failure is not cached, so the next run of the page tries again.
-    """
-    return store_module.open_store(database)
+def release(worker: ReplyWorker) -> None:
+    """When Streamlit drops the cached worker (st.cache_resource.clear()): end its replies, close its store."""
+    worker.shutdown()
+    worker.store.close()
 
 
-@st.cache_resource(show_spinner=False)
+@st.cache_resource(show_spinner=False, on_release=release)
 def start_worker(settings: Settings) -> ReplyWorker:
-    """One worker per process, started once: first marks replies a dead process left."""
-    store = open_store(settings.database)
+    """One store and one worker per process, started once: first marks replies a dead process left.
+
+    A failure to open the database is not cached, so the next run of the page tries again.
+    """
+    store = store_module.open_store(settings.database)
     store.recover_interrupted()  # replies of processes that stopped beating (store.STALE_AFTER_S)
     worker = ReplyWorker(
         store,
@@ -65,20 +64,19 @@ def start_worker(settings: Settings) -> ReplyWorker:
     return worker
 
 
-def backend() -> tuple[Settings, Store, ReplyWorker]:
-    """Settings, store and worker, or a clear message and a stopped page."""
+def backend() -> tuple[Settings, ReplyWorker]:
+    """Settings and the worker (with its store), or a clear message and a stopped page."""
     try:
         settings = Settings.from_env()
     except ConfigError as error:
         st.error(f"The app is not configured correctly: {error}")
         st.stop()
     try:
-        store = open_store(settings.database)
+        return settings, start_worker(settings)
     except DatabaseUnavailable as error:
         hint = "" if settings.database_url else " Set CHAT_DB_PATH to a file in a writable folder."
         st.error(f"{error}.{hint} The page tries again when you reload it.")
         st.stop()
-    return settings, store, start_worker(settings)
 
 
 # Who and where ------------------------------------------------------------------
@@ -139,11 +137,8 @@ def send(worker: ReplyWorker, room: str, name: str, tab: str) -> None:
     except StoreError:
         st.session_state.notice = ("Your message could not be saved just now; please try again.", text)
     else:
-        # Only live_area reruns, so the room is not sent to the browser again;
-        # unless the page's last full run may not all be there yet (a new run
-        # drops what the last one had not yet handed to the browser).
-        if posted.reply is not None and time.time() - st.session_state.get("page_drawn_at", 0) > FULL_RUN_FOLLOWS_S:
-            st.rerun("live")
+        if posted.reply is not None:
+            rerun_after_asking()
     st.rerun()
 
 
@@ -181,10 +176,7 @@ def change_room() -> None:
 
 def stop(worker: ReplyWorker, room: str, tab: str) -> None:
     """Stop button callback: stop this tab's newest reply being written, here or on another replica."""
-    mine = my_live_reply(worker, room, tab)
-    # Written elsewhere, it is stopped through the database, by the replica that writes it.
-    message_id = mine.message_id if mine else writing_for(worker.store.recent(room, LIVE_MESSAGES), tab)
-    if message_id is not None:
+    if (message_id := stoppable(worker, room, tab)) is not None:
         worker.stop(message_id)
 
 
@@ -219,7 +211,7 @@ def render_sidebar(settings: Settings, worker: ReplyWorker, room: str, name: str
         return st.empty()
 
 
-def render_message(message: Message, name: str, questions: dict[int, Message], retry) -> None:
+def render_message(message: Message, name: str, questions: dict[int, Message], on_retry) -> None:
     """One settled message as a chat bubble, with Retry under a failed reply this person asked for.
 
     Every bubble has the same four places (author line, text, note, button),
@@ -234,7 +226,7 @@ def render_message(message: Message, name: str, questions: dict[int, Message], r
         if note := note_for(message):
             note_place.caption(note)
         if retryable(message, name, questions):
-            button_place.button("Retry", key=f"retry-{message.id}", on_click=retry, args=(message.reply_to,))
+            button_place.button("Retry", key=f"retry-{message.id}", on_click=on_retry, args=(message.reply_to,))
 
 
 def render_notice(message: str, refused_text: str | None) -> None:
@@ -246,8 +238,8 @@ def render_notice(message: str, refused_text: str | None) -> None:
 
 def main() -> None:
     st.set_page_config(page_title="Chat with @gpt", page_icon="💬")
-    st.session_state.page_drawn_at = time.time()
-    settings, store, worker = backend()
+    settings, worker = backend()
+    store = worker.store
     room, name, tab, problems = identify()
     st.chat_input(
         f"Message #{room}; mention @gpt to ask the assistant",
@@ -264,7 +256,7 @@ def main() -> None:
     # loaded anew.
     earlier_place, settled_area, live, notice_area = st.empty(), st.empty(), st.container(), st.empty()
     # Drawn before live_area, which goes on following the room.
-    st.button("Stop", icon=":material/stop_circle:", key="stop", on_click=stop, args=(worker, room, tab))
+    st.button("Stop", icon=":material/stop_circle:", key=STOP_KEY, on_click=stop, args=(worker, room, tab))
 
     # A page shows the room's latest messages only: when a run starts, even a
     # fragment's, the browser redraws every chat bubble on the page, and with
@@ -292,10 +284,7 @@ def main() -> None:
         with notice_area.container():
             render_notice(*notice)
     with live:
-        live_area(
-            store, worker, room, name, tab, settled[-1].id if settled else floor, questions,
-            stats_place, time.time() + FULL_RUN_FOLLOWS_S,
-        )
+        draw_live_area(store, worker, room, name, tab, settled[-1].id if settled else floor, questions, stats_place)
 
 
 main()

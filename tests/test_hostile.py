@@ -5,11 +5,13 @@ import tempfile
 import textwrap
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+import streamlit
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from postgres import query
 from streamlit.testing.v1 import AppTest
 
 from markup import WORD_JOINER
-from postgres import query
 from store import MAX_MESSAGE_CHARS, MAX_NAME_CHARS, InvalidInput, Store
 
 APP = os.path.join(os.path.dirname(__file__), "..", "app.py")
@@ -63,7 +65,10 @@ def app_env():
     os.environ.update({"CHAT_DB_PATH": os.path.join(folder, "chat.db"), "CHAT_DEMO_TOKENS_PER_S": "5000"})
     os.environ.pop("OPENAI_API_KEY", None)
     os.environ.pop("OPENAI_BASE_URL", None)
-    yield Store(os.environ["CHAT_DB_PATH"])
+    store = Store(os.environ["CHAT_DB_PATH"])
+    yield store
+    store.close()
+    streamlit.cache_resource.clear()  # the app's worker and store, which AppTest keeps in this process
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
