@@ -25,7 +25,7 @@ trigger; the test after it fails if a release changes that behaviour.
    (a limit its count has passed). The trigger keeps one place in the page,
    or its iframe is loaded anew (82 KB of script).
    (tests/test_browser.py::test_the_refresh_trigger_is_loaded_once_while_replies_come_and_settle,
-   tests/test_browser.py::test_a_short_reply_reaches_a_viewer_in_sentence_steps_and_both_sidebars_show_its_figures)
+   tests/test_wire.py::test_a_message_sent_with_a_refresh_tick_is_answered_by_the_whole_page)
 4. Streamlit clears what a run did not draw only when the run finishes. A run
    that does not finish draws over every place an earlier run of this
    session filled (``Places.cover``).
@@ -46,11 +46,12 @@ trigger; the test after it fails if a release changes that behaviour.
    delta for an element by a newer one. So a reply is drawn as one element per
    Markdown block, each block drawn whole, and only the last one redrawn as it
    grows (``BlockView``): bytes to the browser stay linear in the reply.
-   (tests/test_browser.py::test_a_reply_drawn_block_by_block_ends_exactly_as_the_whole_text_renders)
+   (tests/test_wire.py::test_a_long_reply_costs_its_readers_bytes_in_proportion_to_its_length,
+   tests/test_browser.py::test_a_reply_drawn_block_by_block_ends_exactly_as_the_whole_text_renders)
 8. ``st.rerun(<fragment key>)`` from a callback runs only that fragment: a
    message that asks @gpt reruns only the live area, so the first token is not
    queued behind a redraw of the room (bench/asker_latency.py measures it).
-   (tests/test_browser.py::test_asker_sees_tokens_and_the_other_session_sees_sentences)
+   (tests/test_wire.py::test_asking_resends_only_the_live_area_not_the_room)
 9. Under AppTest there is no browser (``st.context.headers`` is empty) and a
    run is awaited to its end: the live area returns once the asker's own reply
    has ended, and otherwise at once.
@@ -84,15 +85,17 @@ FOLD_QUIET_S = 3.0  # how long nothing must change first: a fold redraws the pag
 FOLD_ANYWAY_AT = 40  # ... unless the live area holds this many
 STATS_EVERY_S = 1.0  # the sidebar's figures for a reply being written: redrawn at most this often
 LIVE_BLOCK_BYTES_PER_S = 20_000  # the most a block still being written is sent, per second
-PAGE_STYLE = """<style>
+LIVE_KEY = "live"  # the fragment's key: st.rerun(LIVE_KEY) reruns only the live area
+STOP_KEY = "stop"  # the Stop button's key, which the page's style shows and hides
+PAGE_STYLE = f"""<style>
 /* The refresh trigger is an invisible iframe, and the flag for this tab's own
    live reply holds nothing to see; keep them from adding a gap to the page. */
-.st-key-refresh-trigger, [class*="st-key-my-reply-"] { position: absolute; width: 0; height: 0; overflow: hidden; }
+.st-key-refresh-trigger, [class*="st-key-my-reply-"] {{ position: absolute; width: 0; height: 0; overflow: hidden; }}
 /* Stop is drawn by every full run, outside live_area, and shown only while
    live_area holds this tab's own reply, which may start in a fragment run. */
-.stApp:not(:has([class*="st-key-my-reply-"])) .st-key-stop { display: none; }
+.stApp:not(:has([class*="st-key-my-reply-"])) .st-key-{STOP_KEY} {{ display: none; }}
 /* It floats above the chat input, where it stays put while the reply grows. */
-.st-key-stop { position: fixed; bottom: 6.5rem; left: 50%; transform: translateX(-50%); z-index: 100; width: auto; }
+.st-key-{STOP_KEY} {{ position: fixed; bottom: 6.5rem; left: 50%; transform: translateX(-50%); z-index: 100; width: auto; }}
 </style>"""
 
 
@@ -107,7 +110,33 @@ def writing_for(messages: Iterable[Message], tab: str) -> int | None:
     return max((m.id for m in messages if m.status == "streaming" and m.asker == tab), default=None)
 
 
-@st.fragment(key="live")
+def stoppable(worker: ReplyWorker, room: str, tab: str) -> int | None:
+    """The reply Stop stops: this tab's newest being written here, else by another replica
+    (which stops it when it sees the request in the database)."""
+    mine = my_live_reply(worker, room, tab)
+    return mine.message_id if mine else writing_for(worker.store.recent(room, LIVE_MESSAGES), tab)
+
+
+def draw_live_area(
+    store: Store, worker: ReplyWorker, room: str, name: str, tab: str,
+    after_id: int, questions: dict[int, Message], stats_place: DeltaGenerator,
+) -> None:
+    """The live area, in the page's full run: it follows the room for FULL_RUN_FOLLOWS_S, then a
+    fragment run of its own takes over (rules 2 and 3)."""
+    until = time.time() + FULL_RUN_FOLLOWS_S
+    st.session_state.full_run_until = until
+    live_area(store, worker, room, name, tab, after_id, questions, stats_place, until)
+
+
+def rerun_after_asking() -> None:
+    """From a callback that started a reply: rerun only the live area, so the first token is not
+    queued behind a redraw of the room (rule 8); but not while the page's full run may still be
+    handing its messages to the browser, which a new run would drop (rule 2)."""
+    if time.time() > st.session_state.get("full_run_until", float("inf")):
+        st.rerun(LIVE_KEY)
+
+
+@st.fragment(key=LIVE_KEY)
 def live_area(
     store: Store, worker: ReplyWorker, room: str, name: str, tab: str,
     after_id: int, questions: dict[int, Message], stats_place: DeltaGenerator, until: float,

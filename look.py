@@ -7,10 +7,13 @@ that a message looks the same wherever it is drawn. Nothing here draws.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from markup import escape_markdown
 from store import Message
-from worker import LiveReply
+
+if TYPE_CHECKING:
+    from worker import LiveReply
 
 ASSISTANT_AVATAR = ":material/smart_toy:"  # nobody else can have it: the name GPT is reserved
 OWN_AVATAR = "user"
