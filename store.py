@@ -79,9 +79,6 @@ def _pid_space() -> str | None:
 PID_SPACE = _pid_space()
 
 
-PID_SPACE = _pid_space()
-
-
 class InvalidInput(StoreError, ValueError):
     """Input a person can fix: the message says how."""
 

@@ -143,7 +143,7 @@ class PostgresEngine(Engine):
                         self._tell(listener_ref, lambda listener: listener.heard(None))  # what nobody heard
                     while not self._closed.is_set() and listener_ref() is not None:
                         for notice in conn.notifies(timeout=1.0, stop_after=1):
-                            self._tell(listener_ref, lambda listener: listener.heard(notice.payload))
+                            self._tell(listener_ref, lambda listener, note=notice.payload: listener.heard(note))
             except (psycopg.Error, DatabaseUnavailable):
                 self._tell(listener_ref, lambda listener: listener.hearing(False))
                 if self._closed.is_set():
@@ -165,7 +165,7 @@ class PostgresEngine(Engine):
                 if notice.channel == channel:
                     heard = True
                 else:
-                    self._tell(listener_ref, lambda listener: listener.heard(notice.payload))
+                    self._tell(listener_ref, lambda listener, note=notice.payload: listener.heard(note))
         if heard:
             conn.execute(f"UNLISTEN {channel}")
         return heard
