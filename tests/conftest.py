@@ -49,18 +49,6 @@ def pooler(postgres):
 
 
 ENGINES = ("sqlite", "postgresql")
-# The fixtures that run `streamlit run` or Chromium (here and in test_replicas.py).
-# pytest.ini runs the suite in two processes: the tests that use one of them,
-# one at a time, in one; the in-process tests in the other. Two live tests at
-# once would share the two cores between two apps and their browsers, and
-# those tests measure time.
-LIVE_FIXTURES = {"app", "start_app", "browser", "cluster"}
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        live = not LIVE_FIXTURES.isdisjoint(getattr(item, "fixturenames", ()))
-        item.add_marker(pytest.mark.xdist_group("live" if live else "in-process"))
 
 
 def pytest_generate_tests(metafunc):
