@@ -436,6 +436,9 @@ def test_a_reply_drawn_block_by_block_ends_exactly_as_the_whole_text_renders(pag
     wait_until(lambda: stored_reply(app.db, room)["status"] == "complete")
     assert stored_reply(app.db, room)["text"] == text
     late = pages(app, room, "Cy")  # draws the reply as settled history: the whole text in one element
+    # Streamlit shows a skeleton in an element's place until the code that draws it
+    # (math, here) has loaded: read the page once that is done.
+    wait_until(lambda: late.locator("[data-testid=stChatMessage] [data-testid=stSkeleton]").count() == 0)
     whole = late.evaluate(RENDERED_BLOCKS)
     assert whole["elements"] == 1
     assert len(whole["html"]) == 7  # paragraph, list, table, code, math, quote, paragraph
