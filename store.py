@@ -226,12 +226,19 @@ class Migration:
         object.__setattr__(self, "statements", statements)
 
     def sql(self, engine: str) -> list[str]:
-        return [s if isinstance(s, str) else s[engine] for s in self.statements]
+        """Its statements for ``engine``: every plain one, and its own of each per-engine pair (if any)."""
+        picked = [s if isinstance(s, str) else s.get(engine) for s in self.statements]
+        return [s for s in picked if s]
 
 
 MESSAGE_COLUMNS = (
     "room TEXT NOT NULL, author TEXT NOT NULL, role TEXT NOT NULL, status TEXT NOT NULL, error TEXT, "
     "reply_to BIGINT, created_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL)"
+)
+
+CHUNK_COLUMNS = (
+    "message_id BIGINT NOT NULL REFERENCES messages (id), seq INTEGER NOT NULL, text TEXT NOT NULL, "
+    "PRIMARY KEY (message_id, seq)"
 )
 
 MIGRATIONS = [
@@ -244,8 +251,7 @@ MIGRATIONS = [
         },
         "CREATE INDEX messages_room_id ON messages (room, id)",
         "CREATE INDEX messages_status ON messages (status)",
-        "CREATE TABLE chunks (message_id BIGINT NOT NULL REFERENCES messages (id), seq INTEGER NOT NULL, "
-        "text TEXT NOT NULL, PRIMARY KEY (message_id, seq))",
+        f"CREATE TABLE chunks ({CHUNK_COLUMNS})",
     ),
     # Which process writes a streaming reply, so recovery leaves live ones alone.
     Migration("m002_reply_owner", "ALTER TABLE messages ADD COLUMN owner TEXT"),
@@ -269,6 +275,16 @@ MIGRATIONS = [
     ),
     # A stop asked for through any replica, for the one writing the reply to act on.
     Migration("m006_stop_requests", "ALTER TABLE messages ADD COLUMN stop_requested_at DOUBLE PRECISION"),
+    # SQLite: chunks kept in their primary key's own b-tree (no rowid), so that
+    # a sentence writes one b-tree, not a table and its key's index as well.
+    # PostgreSQL's tables are heaps with indexes either way.
+    Migration(
+        "m007_chunks_without_rowid",
+        {"sqlite": f"CREATE TABLE chunks_by_key ({CHUNK_COLUMNS}) WITHOUT ROWID"},
+        {"sqlite": "INSERT INTO chunks_by_key (message_id, seq, text) SELECT message_id, seq, text FROM chunks"},
+        {"sqlite": "DROP TABLE chunks"},
+        {"sqlite": "ALTER TABLE chunks_by_key RENAME TO chunks"},
+    ),
 ]
 
 
@@ -288,8 +304,8 @@ def migrate(engine: Engine) -> None:
 # Replies whose writer is gone ---------------------------------------------------
 
 # The last sign of life of a streaming reply's owner: its latest heartbeat; for
-# an owner that never beat (rows from before heartbeats, a NULL owner), the
-# reply's own last change.
+# an owner that never beat (rows from before heartbeats, a NULL owner), when
+# the reply started (a chunk does not touch its row; the heartbeats tell).
 LAST_SIGN_SQL = "COALESCE((SELECT beat_at FROM replicas WHERE replicas.owner = messages.owner), messages.updated_at)"
 
 
@@ -302,7 +318,7 @@ def _is_orphan(row: dict, now: float, stale_after_s: float) -> bool:
     reply has been silent (a reasoning model may think for minutes), and gone
     once it is not, or at once when its pid has exited in this very pid space.
     An owner that never beat (replies from before heartbeats, a NULL owner) is
-    judged by the reply's last change, or at once when its tag names a process
+    judged by when the reply started, or at once when its tag names a process
     on this host that has exited.
     """
     if row["beat_at"] is None:
@@ -476,7 +492,7 @@ class Store:
         if not text:
             return
         with self._writing() as write:
-            room = self._touch_streaming(write.conn, message_id)
+            room = self._streaming_room(write.conn, message_id)
             self._append(write.conn, message_id, text)
             write.bump(room)
 
@@ -491,12 +507,12 @@ class Store:
             raise ValueError(f"not a final status: {status!r}")
         figures = (usage.prompt_tokens, usage.completion_tokens, usage.reasoning_tokens) if usage else (None,) * 3
         with self._writing() as write:
-            room = self._touch_streaming(write.conn, message_id)
+            room = self._streaming_room(write.conn, message_id)
             if last_chunk:
                 self._append(write.conn, message_id, last_chunk)
             write.conn.run(
                 "UPDATE messages SET status = ?, error = ?, prompt_tokens = ?, completion_tokens = ?, "
-                "reasoning_tokens = ? WHERE id = ?",
+                "reasoning_tokens = ?, updated_at = {now} WHERE id = ?",
                 [status, error, *figures, message_id],
             )
             write.bump(room)
@@ -751,15 +767,15 @@ class Store:
         )
 
     @staticmethod
-    def _touch_streaming(conn: Connection, message_id: int) -> str:
-        """Mark the reply updated and return its room; refuse if it is not streaming.
+    def _streaming_room(conn: Connection, message_id: int) -> str:
+        """The reply's room; refuse if it is not streaming.
 
-        The row lock it takes also puts concurrent appends to one reply in line.
+        It writes nothing (a sentence costs its chunk and the room's version,
+        no more): the owner's heartbeats tell that the reply is alive. The row
+        lock it takes where the engine has them (its ``lock``) puts concurrent
+        appends to one reply in line.
         """
-        row = conn.one(
-            "UPDATE messages SET updated_at = {now} WHERE id = ? AND status = 'streaming' RETURNING room",
-            [message_id],
-        )
+        row = conn.one("SELECT room FROM messages WHERE id = ? AND status = 'streaming'{lock}", [message_id])
         if row is None:
             raise NotStreaming(f"message {message_id} is not a streaming reply")
         return row["room"]

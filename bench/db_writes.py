@@ -7,6 +7,10 @@ For replies of 200, 2,000 and 20,000 tokens, streamed at full speed:
 
 Each approach writes to a real SQLite file in WAL mode. "Text bytes" are the
 bytes of text handed to SQLite; "per reply byte" divides them by the reply's size.
+"Pages per commit" are the pages each of this app's commits adds to the
+write-ahead log (a reader holds the log open meanwhile, so no checkpoint hides
+any): what a sentence costs the database file. (The rewrites would need
+gigabytes of log to count theirs.)
 
     python bench/db_writes.py
 """
@@ -18,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Self
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -56,19 +61,41 @@ class ListModel:
         yield from self.tokens
 
 
+class WalPages:
+    """Pages written to a database's write-ahead log while it is open (``with``)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.wal = path.with_name(path.name + "-wal")
+        self.pages = 0
+
+    def __enter__(self) -> Self:
+        self.reader = connect(self.path)
+        self.reader.execute("BEGIN")
+        self.reader.execute("SELECT COUNT(*) FROM sqlite_master").fetchall()  # a snapshot no checkpoint passes
+        self.page_size = self.reader.execute("PRAGMA page_size").fetchone()[0]
+        self.before = self.wal.stat().st_size
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pages = (self.wal.stat().st_size - self.before) // (self.page_size + 24)  # a frame: header + page
+        self.reader.close()
+
+
 def run_append(tokens: list[str], folder: Path) -> dict:
     store = Store(folder / "append.db")
     worker = ReplyWorker(store, ListModel(tokens), system_prompt="", max_concurrent=1)
-    started = time.perf_counter()
-    reply = worker.ask("bench", "bench")
-    for _ in reply.follow(timeout=1):
-        pass
-    took = time.perf_counter() - started
-    assert store.get(reply.message_id).text == "".join(tokens)
+    with WalPages(folder / "append.db") as wal:
+        started = time.perf_counter()
+        reply = worker.ask("bench", "bench")
+        for _ in reply.follow(timeout=1):
+            pass
+        took = time.perf_counter() - started
     worker.shutdown()
+    assert store.get(reply.message_id).text == "".join(tokens)
     stats = reply.stats
     return {"bytes": stats.bytes_written, "commits": stats.commits, "seconds": took,
-            "sentences": stats.chunks}
+            "sentences": stats.chunks, "pages": wal.pages}
 
 
 def run_rewrite(tokens: list[str], folder: Path, name: str, per_token: bool) -> dict:
@@ -116,16 +143,18 @@ def measure(lengths=LENGTHS) -> list[dict]:
             }
             for name, r in results.items():
                 rows.append({"tokens": count, "reply_bytes": size, "sentences": sentences, "approach": name,
-                             "bytes": r["bytes"], "commits": r["commits"], "ms": r["seconds"] * 1000})
+                             "bytes": r["bytes"], "commits": r["commits"], "ms": r["seconds"] * 1000,
+                             "pages_per_commit": r["pages"] / r["commits"] if "pages" in r else None})
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
     print(f"{'tokens':>7} {'reply bytes':>11} {'sentences':>9} {'approach':>8} {'text bytes':>13} "
-          f"{'per reply byte':>14} {'commits':>7} {'ms':>8}")
+          f"{'per reply byte':>14} {'commits':>7} {'pages per commit':>16} {'ms':>8}")
     for r in rows:
+        pages = "" if r["pages_per_commit"] is None else f"{r['pages_per_commit']:.2f}"
         print(f"{r['tokens']:>7,} {r['reply_bytes']:>11,} {r['sentences']:>9,} {r['approach']:>8} {r['bytes']:>13,} "
-              f"{r['bytes'] / r['reply_bytes']:>14.1f} {r['commits']:>7,} {r['ms']:>8.1f}")
+              f"{r['bytes'] / r['reply_bytes']:>14.1f} {r['commits']:>7,} {pages:>16} {r['ms']:>8.1f}")
 
 
 def main() -> None:

@@ -7,7 +7,8 @@ databases:
 
 - connecting and transactions: ``connection()`` for reads (each statement
   commits on its own) and ``transaction()`` for one write that commits whole;
-- the dialect: its placeholder (``param``), its clock as SQL (``now``), the
+- the dialect: its placeholder (``param``), its clock as SQL (``now``), how a
+  SELECT locks the rows it reads until the commit (``lock``), the
   name that picks a migration's statement (``name``), ``exclusive(conn, key)``
   (no other transaction passes the same key until this one commits) and
   ``notify(conn, note)`` (a note delivered to the listeners with the commit);
@@ -15,8 +16,8 @@ databases:
 - its driver's errors that mean "the database cannot be reached or used now",
   raised as DatabaseUnavailable with a message safe to show (no password).
 
-The store's SQL is written once, with ``?`` for each parameter and ``{now}``
-for the database's clock; ``Connection`` turns it into the engine's dialect.
+The store's SQL is written once, with ``?`` for each parameter, ``{now}``
+for the database's clock and ``{lock}`` after a SELECT whose rows it locks; ``Connection`` turns it into the engine's dialect.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class Engine:
     location: str  # the file or URL it was opened with
     param: str  # the driver's placeholder for a parameter
     now: str  # the database's clock, in epoch seconds, as an SQL expression
+    lock: str = ""  # what follows a SELECT to lock its rows until the commit ("" where a write locks it all)
 
     def __init__(self) -> None:
         self._dialects: dict[str, str] = {}
@@ -84,10 +86,10 @@ class Engine:
         raise NotImplementedError
 
     def dialect(self, sql: str) -> str:
-        """The store's SQL (``?`` parameters, ``{now}``) in this engine's dialect."""
+        """The store's SQL (``?`` parameters, ``{now}``, ``{lock}``) in this engine's dialect."""
         translated = self._dialects.get(sql)
         if translated is None:
-            translated = sql.format(now=self.now)
+            translated = sql.format(now=self.now, lock=self.lock)
             if self.param != "?":
                 translated = translated.replace("%", "%%").replace("?", self.param)
             self._dialects[sql] = translated

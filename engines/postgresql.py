@@ -67,6 +67,7 @@ class PostgresEngine(Engine):
     name = "postgresql"
     param = "%s"
     now = "EXTRACT(EPOCH FROM now())::DOUBLE PRECISION"  # the server's clock, at the transaction's start
+    lock = " FOR UPDATE"
 
     def __init__(self, url: str, pool_size: int = 10, connect_timeout_s: float = CONNECT_TIMEOUT_S):
         super().__init__()

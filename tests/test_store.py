@@ -33,6 +33,7 @@ def test_migrations_run_once_and_can_repeat(store, db_path):
     names = [name for (name,) in query(store, "SELECT name FROM _migrations ORDER BY name")]
     assert names == [
         "m001_initial", "m002_reply_owner", "m003_usage", "m004_replicas", "m005_reply_asker", "m006_stop_requests",
+        "m007_chunks_without_rowid",
     ]
     assert query(store, "SELECT owner, beat_at, pid_space, pid FROM replicas") == []
     message = store.add_message("general", "Ada", "hi")
@@ -74,6 +75,8 @@ def test_a_database_made_by_the_release_that_built_tables_with_sqlite_utils_stil
     assert [(m.id, m.text) for m in store.recent("general")] == [
         (1, "from the old release"), (2, "@gpt still there?"), (3, "Yes.")]
     assert store.version("general") == 3
+    with pytest.raises(sqlite3.OperationalError, match="rowid"):  # chunks now live in their key's b-tree alone
+        store.engine.db.execute("SELECT rowid FROM chunks")
 
 
 def test_database_uses_wal_and_a_busy_timeout(db_path):
@@ -214,7 +217,7 @@ def test_a_replica_never_interrupts_its_own_replies(store):
     assert store.get(mine.id).status == "interrupted"
 
 
-def test_a_reply_whose_owner_never_beat_is_judged_by_its_last_change(store):
+def test_a_reply_whose_owner_never_beat_is_judged_by_when_it_started(store):
     from_before_heartbeats = store.start_reply("general", owner="old-host:1:abc")
     nobody = store.start_reply("general")
     query(store, "UPDATE messages SET owner = NULL WHERE id = ?", [nobody.id])
