@@ -303,22 +303,23 @@ class Tail:
         self.places = places
         self.name = name
         self.questions = dict(questions)
-        self.messages: dict[int, Message] = {}
+        self.messages: dict[int, Message] = {}  # the newest stored version of each, in the room's order
+        self.shown: dict[int, Message] = {}  # the stored version each bubble shows, if it shows one
         self.bubbles: dict[int, Bubble] = {}
         self.mine_id: int | None = None
 
     def update(self, messages: list[Message], mine: LiveReply | None) -> None:
         for message in messages:
-            if self.messages.get(message.id) == message:
-                continue  # on the page as it is stored
             self.messages[message.id] = message
             if message.role == "user":
                 self.questions[message.id] = message
             if message.id not in self.bubbles:
                 self.bubbles[message.id] = Bubble(self.places, message, self.name)
             if mine is not None and message.id == mine.message_id:
-                continue  # drawn from memory by follow()
-            self.bubbles[message.id].show(message)
+                continue  # drawn from memory by follow(); as stored once it has ended, even if unchanged by then
+            if self.shown.get(message.id) != message:
+                self.bubbles[message.id].show(message)
+                self.shown[message.id] = message
 
     def tick(self, mine: LiveReply | None) -> None:
         """Move the thinking clocks on: replies with no words yet show how long they have been thinking."""
