@@ -17,7 +17,8 @@ databases:
   raised as DatabaseUnavailable with a message safe to show (no password).
 
 The store's SQL is written once, with ``?`` for each parameter, ``{now}``
-for the database's clock and ``{lock}`` after a SELECT whose rows it locks; ``Connection`` turns it into the engine's dialect.
+for the database's clock and ``{lock}`` after a SELECT whose rows it locks;
+``Connection`` turns it into the engine's dialect.
 """
 
 from __future__ import annotations
